@@ -1,0 +1,474 @@
+//! HTTP contract of the command side (see DESIGN.md). DTOs live here; the
+//! domain never sees HTTP types.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use eventstore::{AppendError, ExecuteError, LoadError, Metadata};
+use posts::{Command, PostState, Rejection};
+use serde::{Deserialize, Serialize};
+use servicekit::{Problem, parse_id};
+use sha2::{Digest, Sha256};
+
+use crate::AppState;
+use crate::idempotency::{self, Reservation, Reserve};
+
+/// Largest request body. Content is bounded at 100 000 bytes decoded; JSON
+/// escaping can double that (or worse for `\uXXXX`), so allow 512 KiB raw.
+pub const BODY_BYTES_MAX: usize = 512 * 1024;
+/// How long readyz waits for the stream to answer.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_SECS: u64 = 1;
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/posts", post(create))
+        .route("/posts/{id}", patch(update).delete(delete))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(servicekit::no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "method not allowed on this route",
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state.repo.store();
+    if !store.is_connected() {
+        return Problem::unavailable("not connected to NATS", RETRY_AFTER_SECS).into_response();
+    }
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, store.last_seq()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
+            Problem::unavailable(format!("stream POSTS unreachable: {e}"), RETRY_AFTER_SECS)
+                .into_response()
+        }
+        Err(_) => Problem::unavailable("stream POSTS did not answer in time", RETRY_AFTER_SECS)
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    title: String,
+    content: String,
+    author_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    title: Option<String>,
+    content: Option<String>,
+    author_name: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Ack {
+    post_id: String,
+    version: u64,
+    seq: u64,
+}
+
+/// Reads and parses a JSON body: 415, 413 and 400 with a precise detail.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, Problem> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/json" {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!("Content-Type must be application/json, got {content_type:?}"),
+        ));
+    }
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("request body is over the {BODY_BYTES_MAX} byte limit"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > BODY_BYTES_MAX as u64 {
+            return Err(too_large());
+        }
+    }
+    let bytes = axum::body::to_bytes(body, BODY_BYTES_MAX)
+        .await
+        .map_err(|_| too_large())?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "malformed JSON"
+            }
+            serde_json::error::Category::Data | serde_json::error::Category::Io => {
+                "invalid JSON body"
+            }
+        };
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            format!("{what}: {e}"),
+        )
+    })
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Problem> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-header",
+                format!("{name} must be visible ASCII"),
+            )
+        }),
+    }
+}
+
+/// `If-Match: "3"` pins version 3; `*` or no header pins nothing.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let Some(raw) = header_str(headers, "if-match")? else {
+        return Ok(None);
+    };
+    let raw = raw.trim();
+    if raw == "*" {
+        return Ok(None);
+    }
+    raw.strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v > 0)
+        .map(Some)
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-if-match",
+                format!("If-Match must be a quoted version like \"3\", got {raw:?}"),
+            )
+        })
+}
+
+/// Correlation id from `X-Correlation-Id` (bounded, visible ASCII) or a new one;
+/// the causation id is this command's own id.
+fn metadata(headers: &HeaderMap) -> Result<Metadata, Problem> {
+    let correlation_id = match header_str(headers, "x-correlation-id")? {
+        Some(v) if !v.is_empty() && v.len() <= 128 => v.to_string(),
+        Some(_) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-header",
+                "X-Correlation-Id must be 1..=128 characters",
+            ));
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    Ok(Metadata {
+        correlation_id,
+        causation_id: uuid::Uuid::now_v7().to_string(),
+    })
+}
+
+fn rejection_problem(rejection: &Rejection, post_id: &str) -> Problem {
+    match rejection {
+        Rejection::NotFound => Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("post {post_id} not found"),
+        ),
+        Rejection::Deleted => Problem::new(
+            StatusCode::CONFLICT,
+            "deleted",
+            format!("post {post_id} is deleted"),
+        ),
+        Rejection::AlreadyExists => Problem::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("post {post_id} already exists"),
+        ),
+        Rejection::EmptyUpdate => Problem::new(
+            StatusCode::BAD_REQUEST,
+            "empty-update",
+            rejection.to_string(),
+        ),
+        Rejection::Invalid { .. } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "out-of-bounds",
+            rejection.to_string(),
+        ),
+    }
+}
+
+fn execute_problem(e: ExecuteError<Rejection>, post_id: &str) -> Problem {
+    match e {
+        ExecuteError::Rejected(r) => rejection_problem(&r, post_id),
+        ExecuteError::VersionMismatch { expected, actual } => Problem::new(
+            StatusCode::PRECONDITION_FAILED,
+            "version-mismatch",
+            format!("post {post_id} is at version {actual}, If-Match asked for {expected}"),
+        ),
+        ExecuteError::TooManyConflicts(n) => Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("post {post_id} kept changing under {n} retries; try again"),
+        ),
+        ExecuteError::Append(AppendError::Unavailable(why))
+        | ExecuteError::Load(LoadError::Unavailable(why)) => {
+            tracing::warn!(post_id, error = %why, "event store unavailable");
+            Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
+        }
+        ExecuteError::Append(AppendError::Rejected(why)) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected-by-store",
+            format!("the event store refused the event: {why}"),
+        ),
+        ExecuteError::Append(AppendError::Conflict { .. }) => Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("post {post_id} changed concurrently; try again"),
+        ),
+        ExecuteError::Load(LoadError::Corrupt { seq, reason }) => {
+            tracing::error!(post_id, seq, reason, "refusing to fold corrupt history");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt-history",
+                format!(
+                    "history of post {post_id} is corrupt at stream sequence {seq}; the post cannot be changed until it is repaired"
+                ),
+            )
+        }
+        ExecuteError::Load(e @ LoadError::TooLong(_)) => Problem::internal(&e),
+    }
+}
+
+fn ack_response(status: StatusCode, ack: &Ack, meta: &Metadata, location: bool) -> Response {
+    let mut resp = (status, axum::Json(ack)).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", ack.version)) {
+        h.insert(header::ETAG, v);
+    }
+    if location {
+        if let Ok(v) = HeaderValue::from_str(&format!("/posts/{}", ack.post_id)) {
+            h.insert(header::LOCATION, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&meta.correlation_id) {
+        h.insert("x-correlation-id", v);
+    }
+    resp
+}
+
+fn body_sha256(body: &CreateBody) -> String {
+    let mut h = Sha256::new();
+    for field in [&body.title, &body.content, &body.author_name] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    idempotency::hex(&h.finalize())
+}
+
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let meta = metadata(&headers)?;
+    let idem_key = header_str(&headers, "idempotency-key")?;
+    let body: CreateBody = json_body(&headers, body).await?;
+    let command = Command::Create {
+        title: body.title.clone(),
+        content: body.content.clone(),
+        author_name: body.author_name.clone(),
+    };
+    // Validate before reserving a key, so a bad body never burns one.
+    posts::decide(&PostState::Absent, &command).map_err(|r| rejection_problem(&r, "new"))?;
+
+    let (post_id, replay_allowed) = match idem_key {
+        None => (uuid::Uuid::now_v7().to_string(), false),
+        Some(key) => {
+            if key.is_empty() || key.len() > idempotency::KEY_BYTES_MAX {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-header",
+                    format!(
+                        "Idempotency-Key must be 1..={} characters",
+                        idempotency::KEY_BYTES_MAX
+                    ),
+                ));
+            }
+            let candidate = Reservation {
+                post_id: uuid::Uuid::now_v7().to_string(),
+                body_sha256: body_sha256(&body),
+            };
+            let want = candidate.body_sha256.clone();
+            match idempotency::reserve(&state.idempotency, &idempotency::key_for(key), candidate)
+                .await
+            {
+                Ok(Reserve::Fresh(id)) => (id, true),
+                Ok(Reserve::Existing(r)) if r.body_sha256 == want => (r.post_id, true),
+                Ok(Reserve::Existing(_)) => {
+                    return Err(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency-key-reused",
+                        "Idempotency-Key was already used with a different body",
+                    ));
+                }
+                Err(why) => {
+                    tracing::warn!(error = %why, "idempotency bucket unavailable");
+                    return Err(Problem::unavailable(
+                        "event store unavailable; retry shortly",
+                        RETRY_AFTER_SECS,
+                    ));
+                }
+            }
+        }
+    };
+    let executed = state
+        .repo
+        .execute(
+            &post_id,
+            !replay_allowed,
+            None,
+            &meta,
+            time::OffsetDateTime::now_utc(),
+            |s, _| match s {
+                PostState::Absent => posts::decide(s, &command).map(|mut evs| evs.pop()),
+                // The key's post exists already: answer as the first time, append nothing.
+                _ if replay_allowed => Ok(None),
+                _ => Err(Rejection::AlreadyExists),
+            },
+        )
+        .await
+        .map_err(|e| execute_problem(e, &post_id))?;
+    let loaded = &executed.loaded;
+    let ack = Ack {
+        post_id: post_id.clone(),
+        version: 1,
+        seq: loaded.first_seq,
+    };
+    tracing::info!(
+        command = "create",
+        post_id,
+        version = 1,
+        seq = ack.seq,
+        correlation_id = meta.correlation_id,
+        replayed = !executed.appended,
+        "command applied"
+    );
+    let mut resp = ack_response(StatusCode::CREATED, &ack, &meta, true);
+    if !executed.appended {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+async fn update(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let post_id = parse_id(&raw_id, "post")?;
+    let expected = if_match(&headers)?;
+    let meta = metadata(&headers)?;
+    let body: PatchBody = json_body(&headers, body).await?;
+    let command = Command::Update {
+        title: body.title,
+        content: body.content,
+        author_name: body.author_name,
+    };
+    if let Command::Update {
+        title: None,
+        content: None,
+        author_name: None,
+    } = command
+    {
+        return Err(rejection_problem(&Rejection::EmptyUpdate, &post_id));
+    }
+    run_command(&state, &post_id, expected, &meta, &command, "update").await
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let post_id = parse_id(&raw_id, "post")?;
+    let expected = if_match(&headers)?;
+    let meta = metadata(&headers)?;
+    run_command(
+        &state,
+        &post_id,
+        expected,
+        &meta,
+        &Command::Delete,
+        "delete",
+    )
+    .await
+}
+
+async fn run_command(
+    state: &AppState,
+    post_id: &str,
+    expected: Option<u64>,
+    meta: &Metadata,
+    command: &Command,
+    name: &'static str,
+) -> Result<Response, Problem> {
+    let executed = state
+        .repo
+        .execute(
+            post_id,
+            false,
+            expected,
+            meta,
+            time::OffsetDateTime::now_utc(),
+            |s, _| posts::decide(s, command).map(|mut evs| evs.pop()),
+        )
+        .await
+        .map_err(|e| execute_problem(e, post_id))?;
+    let ack = Ack {
+        post_id: post_id.to_string(),
+        version: executed.loaded.version,
+        seq: executed.loaded.last_seq,
+    };
+    tracing::info!(
+        command = name,
+        post_id,
+        version = ack.version,
+        seq = ack.seq,
+        correlation_id = meta.correlation_id,
+        "command applied"
+    );
+    Ok(ack_response(StatusCode::OK, &ack, meta, false))
+}

@@ -1,0 +1,113 @@
+//! `posts-command`: the HTTP command side. It loads a post aggregate, decides,
+//! and appends one event to stream `POSTS` per command.
+//!
+//! Entry points: [`serve`] binds and runs; [`run`] takes a bound listener and a
+//! shutdown future (tests start it in-process); [`app`] is the router.
+
+mod aggregate;
+mod api;
+mod idempotency;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use eventstore::{EventStore, Repository, StreamSpec, connect_checked};
+
+pub use aggregate::PostAggregate;
+pub use api::app;
+
+/// JetStream API and publish-ack timeout. With `sync_interval: always` an ack
+/// takes a few ms; three seconds means the server is gone or overloaded.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Command-service configuration: flags with env fallbacks.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "posts-command", about = "HTTP command service for blog posts")]
+pub struct Config {
+    /// NATS server URL(s), comma separated for a cluster.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
+    pub nats_url: Vec<String>,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "COMMAND_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// Stream replicas when the stream is created: 1 locally, 3 on a cluster.
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+}
+
+/// Everything a request handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) repo: Arc<Repository<PostAggregate>>,
+    pub(crate) idempotency: async_nats::jetstream::kv::Store,
+}
+
+/// Connects to NATS and checks, before serving, that the URL is a NATS server
+/// with JetStream and that the stream exists or can be created.
+///
+/// # Errors
+/// A message naming the URL and the cause.
+pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
+    let urls = config.nats_url.join(",");
+    let client = connect_checked(&config.nats_url, "posts-command").await?;
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(JETSTREAM_TIMEOUT);
+    let store = tokio::time::timeout(
+        Duration::from_secs(15),
+        EventStore::open(client, js.clone(), &StreamSpec::posts(config.replicas)),
+    )
+    .await
+    .with_context(|| format!("{urls}: no JetStream answer in 15s"))?
+    .with_context(|| format!("{urls}: cannot use stream POSTS"))?;
+    let idempotency = idempotency::open_bucket(&js, config.replicas)
+        .await
+        .with_context(|| format!("{urls}: cannot use the idempotency bucket"))?;
+    Ok(AppState {
+        repo: Arc::new(Repository::new(store)),
+        idempotency,
+    })
+}
+
+/// Binds `config.listen` and serves until `shutdown` resolves.
+///
+/// # Errors
+/// When NATS fails the start-up check or the address cannot be bound.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = connect(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    run(state, listener, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight
+/// requests and flushes the NATS connection.
+///
+/// # Errors
+/// When the server fails.
+pub async fn run(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "posts-command listening");
+    let client = state.repo.store().client().clone();
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!("posts-command stopped");
+    Ok(())
+}

@@ -1,0 +1,192 @@
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::HEADER_MSG_ID;
+
+pub const HEADER_EVENT_TYPE: &str = "Event-Type";
+pub const HEADER_EVENT_SCHEMA: &str = "Event-Schema";
+pub const HEADER_OCCURRED_AT: &str = "Occurred-At";
+pub const HEADER_CORRELATION_ID: &str = "Correlation-Id";
+pub const HEADER_CAUSATION_ID: &str = "Causation-Id";
+
+/// An event body already encoded by its domain, ready for the envelope.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub event_type: &'static str,
+    pub schema: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Who asked for the events: carried as headers on every event of a command.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pub correlation_id: String,
+    pub causation_id: String,
+}
+
+/// One event as stored in the stream, with its envelope decoded and checked.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    pub seq: u64,
+    pub subject: String,
+    /// The aggregate id: the subject without the stream's prefix.
+    pub aggregate_id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub schema: u32,
+    pub occurred_at: OffsetDateTime,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("header {0} is missing")]
+    Missing(&'static str),
+    #[error("header {name} is malformed: {value:?}")]
+    Malformed { name: &'static str, value: String },
+    #[error("subject {0:?} is not an aggregate subject")]
+    Subject(String),
+}
+
+/// Formats a timestamp as RFC 3339 UTC with microseconds, the precision the
+/// views keep.
+#[must_use]
+pub fn format_rfc3339(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let micros = at.microsecond();
+    let at = at.replace_nanosecond(micros * 1000).unwrap_or(at);
+    at.format(&Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
+/// Parses an RFC 3339 timestamp.
+///
+/// # Errors
+/// When the text is not RFC 3339.
+pub fn parse_rfc3339(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    OffsetDateTime::parse(text, &Rfc3339)
+}
+
+pub(crate) fn headers_for(
+    event_id: &str,
+    expected_last_subject_seq: u64,
+    event: &EncodedEvent,
+    occurred_at: OffsetDateTime,
+    meta: &Metadata,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(HEADER_MSG_ID, event_id);
+    h.insert(
+        crate::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        expected_last_subject_seq.to_string().as_str(),
+    );
+    h.insert(HEADER_EVENT_TYPE, event.event_type);
+    h.insert(HEADER_EVENT_SCHEMA, event.schema.to_string().as_str());
+    h.insert(HEADER_OCCURRED_AT, format_rfc3339(occurred_at).as_str());
+    h.insert(HEADER_CORRELATION_ID, meta.correlation_id.as_str());
+    h.insert(HEADER_CAUSATION_ID, meta.causation_id.as_str());
+    h
+}
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    h.and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .ok_or(EnvelopeError::Missing(name))
+}
+
+impl RecordedEvent {
+    /// Decodes the envelope of a stored message. The payload is left to the domain.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] when a header is missing or malformed: a poison event.
+    pub fn from_parts(
+        subject: &str,
+        subject_prefix: &str,
+        seq: u64,
+        headers: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<Self, EnvelopeError> {
+        let aggregate_id = subject
+            .strip_prefix(subject_prefix)
+            .filter(|id| !id.is_empty() && !id.contains('.'))
+            .ok_or_else(|| EnvelopeError::Subject(subject.to_string()))?
+            .to_string();
+        let event_type = header(headers, HEADER_EVENT_TYPE)?.to_string();
+        let schema_text = header(headers, HEADER_EVENT_SCHEMA)?;
+        let schema = schema_text.parse().map_err(|_| EnvelopeError::Malformed {
+            name: HEADER_EVENT_SCHEMA,
+            value: schema_text.to_string(),
+        })?;
+        let at_text = header(headers, HEADER_OCCURRED_AT)?;
+        let occurred_at = parse_rfc3339(at_text).map_err(|_| EnvelopeError::Malformed {
+            name: HEADER_OCCURRED_AT,
+            value: at_text.to_string(),
+        })?;
+        Ok(Self {
+            seq,
+            subject: subject.to_string(),
+            aggregate_id,
+            event_id: header(headers, HEADER_MSG_ID)?.to_string(),
+            event_type,
+            schema,
+            occurred_at,
+            correlation_id: header(headers, HEADER_CORRELATION_ID)?.to_string(),
+            causation_id: header(headers, HEADER_CAUSATION_ID)?.to_string(),
+            payload,
+        })
+    }
+
+    /// Decodes a message delivered by a consumer.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] as for [`RecordedEvent::from_parts`].
+    pub fn from_message(
+        msg: &async_nats::Message,
+        seq: u64,
+        subject_prefix: &str,
+    ) -> Result<Self, EnvelopeError> {
+        Self::from_parts(
+            msg.subject.as_str(),
+            subject_prefix,
+            seq,
+            msg.headers.as_ref(),
+            msg.payload.clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_at_microsecond_precision() {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        let text = format_rfc3339(at);
+        assert_eq!(text, "2023-11-14T22:13:20.123456Z");
+        assert_eq!(
+            parse_rfc3339(&text).unwrap().unix_timestamp_nanos(),
+            1_700_000_000_123_456_000
+        );
+    }
+
+    #[test]
+    fn envelope_without_type_is_rejected() {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_EVENT_SCHEMA, "1");
+        let err =
+            RecordedEvent::from_parts("posts.a", "posts.", 1, Some(&h), Bytes::new()).unwrap_err();
+        assert_eq!(err, EnvelopeError::Missing(HEADER_EVENT_TYPE));
+    }
+
+    #[test]
+    fn nested_subject_is_not_an_aggregate() {
+        let err =
+            RecordedEvent::from_parts("posts.a.b", "posts.", 1, None, Bytes::new()).unwrap_err();
+        assert!(matches!(err, EnvelopeError::Subject(_)));
+    }
+}

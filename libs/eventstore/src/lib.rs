@@ -1,0 +1,37 @@
+//! The event store on NATS JetStream. It knows nothing about posts.
+//!
+//! - [`provision`] creates or checks a stream with every setting spelled out.
+//! - [`EventStore::append`] publishes one event with optimistic concurrency
+//!   (`Nats-Expected-Last-Subject-Sequence`) and idempotency (`Nats-Msg-Id`).
+//! - [`EventStore::load`] reads one aggregate's events in order.
+//! - [`Repository`] keeps a bounded cache of folded aggregates and reloads and
+//!   re-decides on a concurrency conflict.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use eventstore::{connect_checked, provision, StreamSpec};
+//! let client = connect_checked(&["nats://127.0.0.1:4222".to_string()], "demo").await?;
+//! let js = async_nats::jetstream::new(client.clone());
+//! provision(&js, &StreamSpec::posts(1)).await?;
+//! # Ok(()) }
+//! ```
+
+mod connect;
+mod envelope;
+mod repository;
+mod store;
+mod stream;
+
+pub use connect::{ConnectCheckError, connect_checked};
+pub use envelope::{
+    EncodedEvent, EnvelopeError, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, HEADER_EVENT_SCHEMA,
+    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, format_rfc3339, parse_rfc3339,
+};
+pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
+pub use store::{AppendError, EventStore, LoadError};
+pub use stream::{DUPLICATE_WINDOW, ProvisionError, StreamSpec, dlq_spec, provision};
+
+/// The JetStream header that makes a publish idempotent inside the duplicate window.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// The JetStream header that makes a publish conditional on the aggregate's last sequence.
+pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";

@@ -1,0 +1,252 @@
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
+use time::OffsetDateTime;
+
+use crate::envelope::{EncodedEvent, Metadata, RecordedEvent, headers_for};
+use crate::stream::{ProvisionError, StreamSpec, provision};
+
+/// Extra attempts of the same publish (same `Nats-Msg-Id`, so deduplicated)
+/// after an ack timed out: the event may or may not be stored, and only a
+/// retry inside the duplicate window tells which without a double append.
+const PUBLISH_TIMEOUT_RETRIES_MAX: u32 = 2;
+
+/// An aggregate longer than this is a bug or an attack: refuse to fold it.
+const AGGREGATE_EVENTS_MAX: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended to the aggregate since `expected` was read.
+    #[error("aggregate {aggregate_id} moved past sequence {expected}")]
+    Conflict { aggregate_id: String, expected: u64 },
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("event rejected by the server: {0}")]
+    Rejected(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("event at sequence {seq} is corrupt: {reason}")]
+    Corrupt { seq: u64, reason: String },
+    #[error("aggregate {0} has more events than the fold limit")]
+    TooLong(String),
+}
+
+/// Appends and reads the events of one stream, one subject per aggregate.
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    subject_prefix: String,
+}
+
+impl EventStore {
+    /// Provisions the stream described by `spec` and opens it.
+    ///
+    /// # Errors
+    /// [`ProvisionError`] when the stream cannot be created or checked.
+    pub async fn open(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        spec: &StreamSpec,
+    ) -> Result<Self, ProvisionError> {
+        let stream = provision(&js, spec).await?;
+        let subject_prefix = spec
+            .subjects
+            .first()
+            .map(|s| s.trim_end_matches('>').to_string())
+            .unwrap_or_default();
+        Ok(Self {
+            client,
+            js,
+            stream,
+            subject_prefix,
+        })
+    }
+
+    #[must_use]
+    pub fn subject_prefix(&self) -> &str {
+        &self.subject_prefix
+    }
+
+    #[must_use]
+    pub fn subject_for(&self, aggregate_id: &str) -> String {
+        format!("{}{aggregate_id}", self.subject_prefix)
+    }
+
+    #[must_use]
+    pub fn stream_name(&self) -> &str {
+        &self.stream.cached_info().config.name
+    }
+
+    #[must_use]
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    #[must_use]
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// The stream's last sequence, asked of the server.
+    ///
+    /// # Errors
+    /// [`LoadError::Unavailable`] when the server does not answer.
+    pub async fn last_seq(&self) -> Result<u64, LoadError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| LoadError::Unavailable(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Appends one event to `aggregate_id` if its last event is still at
+    /// `expected_last_subject_seq` (0 for a new aggregate). Returns the stream
+    /// sequence of the stored event.
+    ///
+    /// # Errors
+    /// [`AppendError::Conflict`] when another writer got there first,
+    /// [`AppendError::Unavailable`] when NATS is down or the ack never came.
+    pub async fn append(
+        &self,
+        aggregate_id: &str,
+        expected_last_subject_seq: u64,
+        event: &EncodedEvent,
+        occurred_at: OffsetDateTime,
+        meta: &Metadata,
+    ) -> Result<u64, AppendError> {
+        if !self.is_connected() {
+            // Publishing now would queue the event in the client and send it
+            // after we have already answered 503: refuse before publishing.
+            return Err(AppendError::Unavailable("not connected to NATS".into()));
+        }
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let headers = headers_for(
+            &event_id,
+            expected_last_subject_seq,
+            event,
+            occurred_at,
+            meta,
+        );
+        let subject = self.subject_for(aggregate_id);
+        let payload = bytes::Bytes::from(event.payload.clone());
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                self.js
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .await?
+                    .await
+            }
+            .await;
+            match result {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) => match e.kind() {
+                    PublishErrorKind::WrongLastSequence => {
+                        return Err(AppendError::Conflict {
+                            aggregate_id: aggregate_id.to_string(),
+                            expected: expected_last_subject_seq,
+                        });
+                    }
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                        if attempt < PUBLISH_TIMEOUT_RETRIES_MAX && self.is_connected() =>
+                    {
+                        attempt += 1;
+                    }
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                        return Err(AppendError::Unavailable(e.to_string()));
+                    }
+                    PublishErrorKind::StreamNotFound => {
+                        return Err(AppendError::Unavailable(e.to_string()));
+                    }
+                    PublishErrorKind::MaxPayloadExceeded => {
+                        return Err(AppendError::Rejected(e.to_string()));
+                    }
+                    _ => return Err(AppendError::Unavailable(e.to_string())),
+                },
+            }
+        }
+    }
+
+    /// Reads the events of `aggregate_id` with a sequence above `after_seq`, in
+    /// order (pass 0 for the whole history).
+    ///
+    /// # Errors
+    /// [`LoadError::Corrupt`] names the sequence of an event whose envelope is
+    /// broken; [`LoadError::Unavailable`] when NATS does not answer.
+    pub async fn load(
+        &self,
+        aggregate_id: &str,
+        after_seq: u64,
+    ) -> Result<Vec<RecordedEvent>, LoadError> {
+        if !self.is_connected() {
+            return Err(LoadError::Unavailable("not connected to NATS".into()));
+        }
+        let subject = self.subject_for(aggregate_id);
+        let mut events = Vec::new();
+        let mut next = after_seq + 1;
+        loop {
+            let msg = match self
+                .stream
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await
+            {
+                Ok(msg) => msg,
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => break,
+                Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+            };
+            // Direct gets must move forward; anything else is a server bug.
+            assert!(msg.sequence >= next, "direct get went backwards");
+            let event = RecordedEvent::from_parts(
+                msg.subject.as_str(),
+                &self.subject_prefix,
+                msg.sequence,
+                Some(&msg.headers),
+                msg.payload,
+            )
+            .map_err(|e| LoadError::Corrupt {
+                seq: msg.sequence,
+                reason: e.to_string(),
+            })?;
+            next = event.seq + 1;
+            events.push(event);
+            if events.len() > AGGREGATE_EVENTS_MAX {
+                return Err(LoadError::TooLong(aggregate_id.to_string()));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Reads one message by stream sequence.
+    ///
+    /// # Errors
+    /// [`LoadError`] as for [`EventStore::load`]; `Ok(None)` when there is none.
+    pub async fn get(&self, seq: u64) -> Result<Option<RecordedEvent>, LoadError> {
+        match self.stream.direct_get(seq).await {
+            Ok(msg) => RecordedEvent::from_parts(
+                msg.subject.as_str(),
+                &self.subject_prefix,
+                msg.sequence,
+                Some(&msg.headers),
+                msg.payload,
+            )
+            .map(Some)
+            .map_err(|e| LoadError::Corrupt {
+                seq,
+                reason: e.to_string(),
+            }),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(LoadError::Unavailable(e.to_string())),
+        }
+    }
+}

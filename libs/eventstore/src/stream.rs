@@ -1,0 +1,179 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+/// How long JetStream remembers a `Nats-Msg-Id`. A command retried after a lost
+/// ack (client timeout, reconnect) is deduplicated inside this window; two
+/// minutes covers our publish timeout and retries many times over while
+/// keeping the server's dedupe map small under heavy write load.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// What a stream must look like. Build it with [`StreamSpec::posts`] or
+/// [`dlq_spec`].
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub replicas: usize,
+    pub description: String,
+}
+
+impl StreamSpec {
+    /// The `POSTS` event stream: subjects `posts.<post_id>`.
+    #[must_use]
+    pub fn posts(replicas: usize) -> Self {
+        Self {
+            name: "POSTS".to_string(),
+            subjects: vec!["posts.>".to_string()],
+            replicas,
+            description: "blog post domain events; the single source of truth".to_string(),
+        }
+    }
+
+    fn config(&self) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            description: Some(self.description.clone()),
+            subjects: self.subjects.clone(),
+            // Events are the source of truth: never discard any, by count, size or age.
+            retention: stream::RetentionPolicy::Limits,
+            max_messages: -1,
+            max_bytes: -1,
+            max_age: Duration::ZERO,
+            max_messages_per_subject: -1,
+            // Irrelevant with no limits, but Old would silently drop history if a
+            // limit were ever added; New refuses the write instead.
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: false,
+            max_consumers: -1,
+            // -1 lets the server's max_payload (1 MiB) bound the event size.
+            max_message_size: -1,
+            // Acknowledged means stored; the fsync policy is the server's sync_interval.
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            no_ack: false,
+            duplicate_window: DUPLICATE_WINDOW,
+            template_owner: String::new(),
+            sealed: false,
+            // History is immutable: no rollups, no deletes, no purges.
+            allow_rollup: false,
+            deny_delete: true,
+            deny_purge: true,
+            republish: None,
+            // Aggregates are loaded with direct gets, served by any replica.
+            allow_direct: true,
+            mirror_direct: false,
+            mirror: None,
+            sources: None,
+            metadata: HashMap::new(),
+            subject_transform: None,
+            // Postcard payloads are already compact; s2 costs CPU on every read.
+            compression: Some(stream::Compression::None),
+            consumer_limits: None,
+            first_sequence: None,
+            placement: None,
+            // Default persistence: the ack is sent after the write reaches the store.
+            persist_mode: Some(stream::PersistenceMode::Default),
+            pause_until: None,
+            allow_message_ttl: false,
+            subject_delete_marker_ttl: None,
+            // One event per command (see ARCHITECTURE.md), so no atomic batches.
+            allow_atomic_publish: false,
+            allow_message_schedules: false,
+            allow_message_counter: false,
+            allow_batch_publish: false,
+        }
+    }
+}
+
+/// The dead-letter stream where projections republish poison events.
+#[must_use]
+pub fn dlq_spec(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "DLQ".to_string(),
+        subjects: vec!["dlq.>".to_string()],
+        replicas,
+        description: "poison events parked by projections: dlq.<projection>.<seq>".to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("jetstream is not enabled on this server: {0}")]
+    JetStreamDisabled(String),
+    #[error("stream {name} exists with a conflicting setting: {detail}")]
+    Conflicting { name: String, detail: String },
+    #[error("cannot create stream {name}: {source}")]
+    Create {
+        name: String,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot reach jetstream: {0}")]
+    Unreachable(String),
+}
+
+/// Creates the stream, or checks that the existing one keeps the durability
+/// promises (file storage, no limits, deny delete and purge).
+///
+/// # Errors
+/// [`ProvisionError`] when JetStream is off, unreachable, or the stream exists
+/// with settings that would break the promises.
+pub async fn provision(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+) -> Result<stream::Stream, ProvisionError> {
+    match js.query_account().await {
+        Ok(_) => {}
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains("not enabled")
+                || text.contains("503")
+                || text.contains("no responders")
+            {
+                return Err(ProvisionError::JetStreamDisabled(text));
+            }
+            return Err(ProvisionError::Unreachable(text));
+        }
+    }
+    let wanted = spec.config();
+    match js.get_stream(&spec.name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| ProvisionError::Unreachable(e.to_string()))?;
+            let have = &info.config;
+            let mut problems = Vec::new();
+            if have.storage != stream::StorageType::File {
+                problems.push("storage is not file");
+            }
+            if have.max_messages != -1 || have.max_bytes != -1 || !have.max_age.is_zero() {
+                problems.push("stream has limits that would discard events");
+            }
+            if !have.deny_delete || !have.deny_purge {
+                problems.push("delete or purge is allowed");
+            }
+            if have.subjects != wanted.subjects {
+                problems.push("subjects differ");
+            }
+            if !have.allow_direct {
+                problems.push("allow_direct is off");
+            }
+            if !problems.is_empty() {
+                return Err(ProvisionError::Conflicting {
+                    name: spec.name.clone(),
+                    detail: problems.join(", "),
+                });
+            }
+            Ok(existing)
+        }
+        Err(_) => js
+            .create_stream(wanted)
+            .await
+            .map_err(|source| ProvisionError::Create {
+                name: spec.name.clone(),
+                source,
+            }),
+    }
+}

@@ -1,0 +1,20 @@
+//! The blog post domain: commands, events, `decide` and `apply`. Pure: no IO,
+//! no async, no NATS, redb, tantivy or HTTP types.
+//!
+//! ```
+//! use posts::{Command, Event, PostState, decide, apply};
+//! let create = Command::Create { title: "Hello".into(), content: "World".into(), author_name: "ann".into() };
+//! let events = decide(&PostState::Absent, &create).unwrap();
+//! let state = apply(PostState::Absent, &events[0]).unwrap();
+//! assert!(matches!(state, PostState::Live(_)));
+//! ```
+
+mod codec;
+mod domain;
+
+pub use codec::{DecodeError, decode, encode};
+pub use domain::{
+    AUTHOR_NAME_CHARS_MAX, CONTENT_BYTES_MAX, Command, Event, InvariantViolation, Post, PostState,
+    Rejection, TITLE_CHARS_MAX, apply, decide, normalize_author_name, normalize_content,
+    normalize_title,
+};

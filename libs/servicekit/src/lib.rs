@@ -1,0 +1,162 @@
+//! What every HTTP service here shares and nothing domain-specific: RFC 9457
+//! problem documents, id parsing, tracing set-up, and the shutdown signal.
+//!
+//! ```
+//! use servicekit::Problem;
+//! let p = Problem::new(axum::http::StatusCode::NOT_FOUND, "not-found", "post 42 not found");
+//! assert_eq!(p.status.as_u16(), 404);
+//! ```
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// An `application/problem+json` error document (RFC 9457).
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub status: StatusCode,
+    /// A stable slug: the `type` is `urn:problem:<slug>`.
+    pub slug: &'static str,
+    pub detail: String,
+    /// Seconds for `Retry-After`, on 503s.
+    pub retry_after_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ProblemBody<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+}
+
+impl Problem {
+    #[must_use]
+    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            slug,
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// A 503 that tells the client when to come back.
+    #[must_use]
+    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
+    }
+
+    /// A 500 whose cause is logged once and never shown.
+    #[must_use]
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the cause is in the service log",
+        )
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = ProblemBody {
+            kind: format!("urn:problem:{}", self.slug),
+            title: self.status.canonical_reason().unwrap_or("error"),
+            status: self.status.as_u16(),
+            detail: &self.detail,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = (self.status, bytes).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Parses an aggregate id from a path: a UUID, returned in canonical
+/// lowercase hyphenated form, so it can never break a NATS subject.
+///
+/// # Errors
+/// A 400 problem naming the bad id.
+pub fn parse_id(raw: &str, what: &str) -> Result<String, Problem> {
+    let shown: String = raw.chars().take(80).collect();
+    match uuid::Uuid::try_parse(raw) {
+        Ok(id) if raw.len() == 36 => Ok(id.hyphenated().to_string()),
+        _ => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-id",
+            format!("{what} id {shown:?} is not a UUID like 0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00"),
+        )),
+    }
+}
+
+/// 404 for any route that does not exist, as a problem document.
+pub async fn no_route() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "no-route", "no such route")
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` or `info` for this service.
+/// `LOG_FORMAT=json` switches to one JSON object per line.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_uuids_only() {
+        assert!(parse_id("a.b.>", "post").is_err());
+        assert!(parse_id("*", "post").is_err());
+        assert!(parse_id("../../etc/passwd", "post").is_err());
+        assert!(
+            parse_id("0190A0B4-7C1E-7A3F-9D2E-5B6C7D8E9F00", "post")
+                .is_ok_and(|id| id == "0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00")
+        );
+        assert!(parse_id("0190a0b47c1e7a3f9d2e5b6c7d8e9f00", "post").is_err());
+    }
+}
