@@ -1,1 +1,15 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    servicekit::init_tracing();
+    let config = posts_query::Config::parse();
+    match posts_query::serve(config, servicekit::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "posts-query failed");
+            eprintln!("posts-query: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,53 @@
+//! The two read models of posts: `post-view` on redb (lookups, listings) and
+//! `post-search` on tantivy (full text). Both implement
+//! [`projection::Projection`]; both are pure functions of the stream: every
+//! timestamp comes from the event's `Occurred-At`, never from the clock.
+//!
+//! ```no_run
+//! # fn demo() -> anyhow::Result<()> {
+//! let (view, reader) = posts_projections::view::open(std::path::Path::new("data/query/post-view.redb"))?;
+//! println!("checkpoint {}", reader.checkpoint()?);
+//! # Ok(()) }
+//! ```
 
+pub mod search;
+pub mod view;
+
+use eventstore::RecordedEvent;
+use posts::Event;
+use projection::Incoming;
+
+pub const POST_VIEW: &str = "post-view";
+pub const POST_SEARCH: &str = "post-search";
+/// Every projection this crate knows, by name.
+pub const PROJECTIONS: [&str; 2] = [POST_VIEW, POST_SEARCH];
+/// Parked events whose details are kept (the total is always counted).
+pub const PARKED_RECENT_MAX: usize = 100;
+
+/// Decodes envelope and payload of one incoming message, or says why not.
+fn decode(incoming: &Incoming) -> Result<(&RecordedEvent, Event), String> {
+    let env = incoming
+        .envelope
+        .as_ref()
+        .map_err(|e| format!("bad envelope: {e}"))?;
+    let event = posts::decode(&env.event_type, env.schema, &env.payload)
+        .map_err(|e| format!("undecodable payload: {e}"))?;
+    Ok((env, event))
+}
+
+/// Microseconds since the Unix epoch, the view's timestamp unit.
+fn micros(at: time::OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+/// RFC 3339 text of a microsecond timestamp.
+#[must_use]
+pub fn format_micros(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .map(eventstore::format_rfc3339)
+        .unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

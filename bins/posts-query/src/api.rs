@@ -1,0 +1,311 @@
+//! HTTP contract of the query side (see DESIGN.md).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use posts::Event;
+use posts_projections::search::SearchError;
+use posts_projections::view::{Row, ViewError};
+use posts_projections::{POST_SEARCH, POST_VIEW, format_micros};
+use serde::Serialize;
+use serde_json::{Value, json};
+use servicekit::{Problem, parse_id};
+
+use crate::AppState;
+
+/// Default and largest page size.
+const LIMIT_DEFAULT: usize = 20;
+const LIMIT_MAX: usize = 1000;
+/// Longest a read waits for its `min_seq` before answering 503.
+const MIN_SEQ_WAIT_MAX: Duration = Duration::from_secs(3);
+const RETRY_AFTER_SECS: u64 = 1;
+/// How long `/projections` waits for the stream's last sequence.
+const STREAM_INFO_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/posts", get(list))
+        .route("/posts/search", get(search))
+        .route("/posts/{id}", get(get_post))
+        .route("/posts/{id}/events", get(history))
+        .route("/projections", get(projections))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(crate::live::admin_routes())
+        .fallback(servicekit::no_route)
+        .with_state(state)
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn bad(slug: &'static str, detail: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, slug, detail)
+}
+
+fn limit(params: &HashMap<String, String>) -> Result<usize, Problem> {
+    match params.get("limit") {
+        None => Ok(LIMIT_DEFAULT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
+            _ => Err(bad("invalid-limit", format!("limit must be an integer in 1..={LIMIT_MAX}, got {v:?}"))),
+        },
+    }
+}
+
+fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Problem> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(v) => Err(bad("invalid-parameter", format!("{name} must be true or false, got {v:?}"))),
+    }
+}
+
+/// Waits until `projection` has applied `min_seq` (query param or
+/// `X-Min-Seq`), on a notification, at most [`MIN_SEQ_WAIT_MAX`].
+async fn read_your_writes(
+    state: &AppState,
+    projection: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(), Problem> {
+    let raw = params
+        .get("min_seq")
+        .map(String::as_str)
+        .or_else(|| headers.get("x-min-seq").and_then(|v| v.to_str().ok()));
+    let Some(raw) = raw else {
+        return Ok(());
+    };
+    let min_seq: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| bad("invalid-min-seq", format!("min_seq must be a stream sequence (u64), got {raw:?}")))?;
+    let Some(status) = state.status(projection) else {
+        return Ok(());
+    };
+    if status.wait_visible(min_seq, MIN_SEQ_WAIT_MAX).await {
+        Ok(())
+    } else {
+        Err(Problem::unavailable(
+            format!(
+                "{projection} has applied up to sequence {}, not yet {min_seq}; retry shortly",
+                status.visible()
+            ),
+            RETRY_AFTER_SECS,
+        ))
+    }
+}
+
+#[derive(Serialize)]
+struct PostDto {
+    post_id: String,
+    title: String,
+    content: String,
+    author_name: String,
+    created_at: String,
+    updated_at: String,
+    version: u64,
+    deleted: bool,
+}
+
+fn dto(id: String, r: Row) -> PostDto {
+    PostDto {
+        post_id: id,
+        title: r.title,
+        content: r.content,
+        author_name: r.author_name,
+        created_at: format_micros(r.created_at_us),
+        updated_at: format_micros(r.updated_at_us),
+        version: r.version,
+        deleted: r.deleted,
+    }
+}
+
+fn view_problem(e: ViewError) -> Problem {
+    match e {
+        ViewError::BadCursor => bad("invalid-cursor", "cursor is malformed; use next_cursor from a previous page"),
+        ViewError::Store(_) => Problem::internal(&e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Problem::internal(&e))
+}
+
+async fn get_post(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&raw_id, "post")?;
+    let include_deleted = flag(&params, "include_deleted")?;
+    read_your_writes(&state, POST_VIEW, &params, &headers).await?;
+    let view = state.view();
+    let lookup = id.clone();
+    let row = blocking(move || view.get(&lookup)).await?.map_err(view_problem)?;
+    match row {
+        Some(r) if !r.deleted || include_deleted => Ok(Json(json!({ "data": dto(id, r) })).into_response()),
+        _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", format!("post {id} not found"))),
+    }
+}
+
+async fn list(State(state): State<AppState>, Query(params): Params, headers: HeaderMap) -> Result<Response, Problem> {
+    let limit = limit(&params)?;
+    read_your_writes(&state, POST_VIEW, &params, &headers).await?;
+    let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
+    let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();
+    let view = state.view();
+    let page = blocking(move || view.list(author.as_deref(), limit, cursor.as_deref()))
+        .await?
+        .map_err(view_problem)?;
+    let data: Vec<PostDto> = page.rows.into_iter().map(|(id, r)| dto(id, r)).collect();
+    Ok(Json(json!({ "data": data, "next_cursor": page.next_cursor })).into_response())
+}
+
+fn decode_offset(cursor: &str) -> Result<usize, Problem> {
+    cursor
+        .strip_prefix("o")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n <= 100_000)
+        .ok_or_else(|| bad("invalid-cursor", "cursor is malformed; use next_cursor from a previous page"))
+}
+
+async fn search(State(state): State<AppState>, Query(params): Params, headers: HeaderMap) -> Result<Response, Problem> {
+    let limit = limit(&params)?;
+    let q = params
+        .get("q")
+        .cloned()
+        .ok_or_else(|| bad("missing-query", "q is required"))?;
+    let offset = params.get("cursor").filter(|c| !c.is_empty()).map(|c| decode_offset(c)).transpose()?.unwrap_or(0);
+    read_your_writes(&state, POST_SEARCH, &params, &headers).await?;
+    let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
+    let reader = state.search();
+    let results = blocking(move || reader.search(&q, author.as_deref(), limit, offset))
+        .await?
+        .map_err(|e| match e {
+            SearchError::Empty => bad("invalid-query", "q has no searchable words"),
+            SearchError::TooLong | SearchError::TooManyTerms => bad("invalid-query", e.to_string()),
+            SearchError::Index(_) => Problem::internal(&e),
+        })?;
+    Ok(Json(json!({
+        "data": results.hits,
+        "total": results.total,
+        "next_cursor": results.next_offset.map(|o| format!("o{o}")),
+    }))
+    .into_response())
+}
+
+fn event_json(event: &Event) -> Value {
+    match event {
+        Event::Created { title, content, author_name } => {
+            json!({ "title": title, "content": content, "author_name": author_name })
+        }
+        Event::Updated { title, content, author_name } => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in [("title", title), ("content", content), ("author_name", author_name)] {
+                if let Some(v) = v {
+                    m.insert(k.to_string(), json!(v));
+                }
+            }
+            Value::Object(m)
+        }
+        Event::Deleted => json!({}),
+    }
+}
+
+async fn history(State(state): State<AppState>, Path(raw_id): Path<String>) -> Result<Response, Problem> {
+    let id = parse_id(&raw_id, "post")?;
+    let events = state.inner.store.load(&id, 0).await.map_err(|e| match e {
+        eventstore::LoadError::Unavailable(_) => Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS),
+        eventstore::LoadError::Corrupt { seq, reason } => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "corrupt-history",
+            format!("event at stream sequence {seq} has a broken envelope: {reason}"),
+        ),
+        e @ eventstore::LoadError::TooLong(_) => Problem::internal(&e),
+    })?;
+    if events.is_empty() {
+        return Err(Problem::new(StatusCode::NOT_FOUND, "not-found", format!("post {id} not found")));
+    }
+    let data: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let mut v = json!({
+                "seq": e.seq,
+                "type": e.event_type,
+                "schema": e.schema,
+                "occurred_at": eventstore::format_rfc3339(e.occurred_at),
+                "event_id": e.event_id,
+                "correlation_id": e.correlation_id,
+                "causation_id": e.causation_id,
+            });
+            match posts::decode(&e.event_type, e.schema, &e.payload) {
+                Ok(ev) => v["data"] = event_json(&ev),
+                Err(err) => {
+                    v["data"] = Value::Null;
+                    v["error"] = json!(err.to_string());
+                }
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "data": data })).into_response())
+}
+
+async fn projections(State(state): State<AppState>) -> Response {
+    let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, state.inner.store.last_seq())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let view = state.view();
+    let search = state.search();
+    let recent: HashMap<&str, Vec<projection::Parked>> = blocking(move || {
+        let mut m = HashMap::new();
+        m.insert(POST_VIEW, view.parked_recent().unwrap_or_default());
+        let _ = search;
+        m
+    })
+    .await
+    .unwrap_or_default();
+    let data: Vec<Value> = state
+        .inner
+        .statuses
+        .iter()
+        .map(|s| {
+            let snap = s.snapshot();
+            json!({
+                "name": snap.name,
+                "checkpoint": snap.checkpoint,
+                "stream_last_seq": last,
+                "lag": last.map(|l| l.saturating_sub(snap.checkpoint)),
+                "state": snap.state,
+                "parked": snap.parked,
+                "parked_recent": recent.get(snap.name.as_str()).cloned().unwrap_or_default(),
+                "caught_up_once": snap.caught_up_once,
+                "last_error": snap.last_error,
+                "rebuild": snap.rebuild,
+            })
+        })
+        .collect();
+    Json(json!({ "data": data })).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let behind: Vec<String> = state
+        .inner
+        .statuses
+        .iter()
+        .filter(|s| !s.caught_up_once())
+        .map(|s| s.name().to_string())
+        .collect();
+    if behind.is_empty() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        Problem::unavailable(format!("still catching up: {}", behind.join(", ")), RETRY_AFTER_SECS).into_response()
+    }
+}

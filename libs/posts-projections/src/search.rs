@@ -1,0 +1,621 @@
+//! `post-search`: a tantivy index. Documents are upserted by post id (delete
+//! term + add), so re-applying is harmless; the checkpoint and parked events
+//! ride in the commit payload, atomically with the documents. Deleted posts
+//! stay as text-less tombstones so the projection can tell "deleted" from
+//! "never existed" exactly as `post-view` does, and are never returned.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use posts::Event;
+use projection::{Incoming, Parked, Projection, ProjectionError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{BooleanQuery, BoostQuery, FuzzyTermQuery, Occur, PhraseQuery, Query, TermQuery};
+use tantivy::schema::{
+    Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value,
+};
+use tantivy::snippet::SnippetGenerator;
+use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use crate::{PARKED_RECENT_MAX, POST_SEARCH, decode, hex, micros};
+
+/// Longest accepted query text, in bytes.
+pub const QUERY_BYTES_MAX: usize = 512;
+/// Most terms and phrases in one query: more is a 400, not a slow search.
+pub const QUERY_TERMS_MAX: usize = 16;
+/// Commit at most this often while catching up; when idle the runner flushes
+/// at once, so live visibility does not wait for it.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
+/// Indexing heap for live following: small, the memory target is 512 MB.
+pub const WRITER_HEAP_LIVE_BYTES: usize = 64 * 1024 * 1024;
+/// Indexing heap for a replay: bigger segments, fewer merges.
+pub const WRITER_HEAP_REPLAY_BYTES: usize = 256 * 1024 * 1024;
+/// Title matches count this much more than content matches.
+const TITLE_BOOST: f32 = 2.0;
+/// A typo match counts less than an exact one.
+const FUZZY_WEIGHT: f32 = 0.3;
+const SNIPPET_CHARS_MAX: usize = 160;
+
+#[derive(Clone, Copy)]
+struct Fields {
+    post_id: Field,
+    title: Field,
+    content: Field,
+    author_name: Field,
+    created_at: Field,
+    updated_at: Field,
+    version: Field,
+    deleted: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let fields = Fields {
+        post_id: b.add_text_field("post_id", STRING | STORED),
+        title: b.add_text_field("title", TEXT | STORED),
+        content: b.add_text_field("content", TEXT | STORED),
+        // Raw, untokenised: an exact filter.
+        author_name: b.add_text_field("author_name", STRING | STORED),
+        created_at: b.add_i64_field("created_at", STORED),
+        updated_at: b.add_i64_field("updated_at", STORED),
+        version: b.add_u64_field("version", STORED),
+        deleted: b.add_u64_field("deleted", INDEXED | STORED),
+    };
+    (b.build(), fields)
+}
+
+/// One post as the index stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    pub post_id: String,
+    pub title: String,
+    pub content: String,
+    pub author_name: String,
+    pub created_at_us: i64,
+    pub updated_at_us: i64,
+    pub version: u64,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CommitPayload {
+    checkpoint: u64,
+    parked_total: u64,
+    parked_recent: Vec<Parked>,
+}
+
+/// Opens (or creates) the index in `dir`; returns the writer and a reader.
+///
+/// # Errors
+/// When the directory cannot be opened or is locked by another writer.
+pub fn open(dir: &Path, writer_heap_bytes: usize) -> anyhow::Result<(SearchProjection, SearchReader)> {
+    std::fs::create_dir_all(dir)?;
+    let (schema, fields) = schema();
+    let index = if dir.join("meta.json").exists() {
+        Index::open_in_dir(dir)?
+    } else {
+        Index::create_in_dir(dir, schema)?
+    };
+    let payload: CommitPayload = index
+        .load_metas()?
+        .payload
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()?
+        .unwrap_or_default();
+    let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+    let writer = index.writer_with_num_threads(1, writer_heap_bytes)?;
+    let search_reader = SearchReader {
+        index: index.clone(),
+        reader,
+        fields,
+    };
+    Ok((
+        SearchProjection {
+            reader: search_reader.clone(),
+            writer,
+            checkpoint: payload.checkpoint,
+            applied: payload.checkpoint,
+            parked_total: payload.parked_total,
+            parked_recent: payload.parked_recent,
+            pending: HashMap::new(),
+            last_commit: Instant::now(),
+        },
+        search_reader,
+    ))
+}
+
+/// The writer side.
+pub struct SearchProjection {
+    reader: SearchReader,
+    writer: IndexWriter,
+    /// Durable: in the last commit's payload.
+    checkpoint: u64,
+    /// Applied to the writer, not yet committed.
+    applied: u64,
+    parked_total: u64,
+    parked_recent: Vec<Parked>,
+    /// Documents changed since the last commit (invisible to the searcher).
+    pending: HashMap<String, Doc>,
+    last_commit: Instant,
+}
+
+impl SearchProjection {
+    fn current(&self, id: &str) -> Result<Option<Doc>, ProjectionError> {
+        if let Some(d) = self.pending.get(id) {
+            return Ok(Some(d.clone()));
+        }
+        self.reader.get(id).map_err(ProjectionError::new)
+    }
+
+    fn apply_one(&mut self, incoming: &Incoming) -> Result<Result<(), String>, ProjectionError> {
+        let (env, event) = match decode(incoming) {
+            Ok(v) => v,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let id = env.aggregate_id.clone();
+        let at = micros(env.occurred_at);
+        let doc = match (self.current(&id)?, event) {
+            (None, Event::Created { title, content, author_name }) => Doc {
+                post_id: id.clone(),
+                title,
+                content,
+                author_name,
+                created_at_us: at,
+                updated_at_us: at,
+                version: 1,
+                deleted: false,
+            },
+            (Some(mut d), Event::Updated { title, content, author_name }) if !d.deleted => {
+                if let Some(t) = title {
+                    d.title = t;
+                }
+                if let Some(c) = content {
+                    d.content = c;
+                }
+                if let Some(a) = author_name {
+                    d.author_name = a;
+                }
+                d.version += 1;
+                d.updated_at_us = at;
+                d
+            }
+            (Some(mut d), Event::Deleted) if !d.deleted => {
+                d.deleted = true;
+                d.version += 1;
+                d.updated_at_us = at;
+                d
+            }
+            (state, event) => {
+                let state = match state {
+                    None => "absent",
+                    Some(d) if d.deleted => "deleted",
+                    Some(_) => "live",
+                };
+                return Ok(Err(format!("{} cannot follow a post that is {state}", event.name())));
+            }
+        };
+        let f = self.reader.fields;
+        self.writer.delete_term(Term::from_field_text(f.post_id, &id));
+        self.writer.add_document(to_tantivy(&doc, f)).map_err(ProjectionError::new)?;
+        self.pending.insert(id, doc);
+        Ok(Ok(()))
+    }
+
+    fn commit(&mut self) -> Result<(), ProjectionError> {
+        if self.applied == self.checkpoint {
+            return Ok(());
+        }
+        let payload = CommitPayload {
+            checkpoint: self.applied,
+            parked_total: self.parked_total,
+            parked_recent: self.parked_recent.clone(),
+        };
+        let text = serde_json::to_string(&payload).map_err(ProjectionError::new)?;
+        let mut prepared = self.writer.prepare_commit().map_err(ProjectionError::new)?;
+        prepared.set_payload(&text);
+        prepared.commit().map_err(ProjectionError::new)?;
+        self.reader.reader.reload().map_err(ProjectionError::new)?;
+        self.checkpoint = self.applied;
+        self.pending.clear();
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+}
+
+fn to_tantivy(doc: &Doc, f: Fields) -> TantivyDocument {
+    let mut t = TantivyDocument::default();
+    t.add_text(f.post_id, &doc.post_id);
+    if !doc.deleted {
+        t.add_text(f.title, &doc.title);
+        t.add_text(f.content, &doc.content);
+        t.add_text(f.author_name, &doc.author_name);
+    }
+    t.add_i64(f.created_at, doc.created_at_us);
+    t.add_i64(f.updated_at, doc.updated_at_us);
+    t.add_u64(f.version, doc.version);
+    t.add_u64(f.deleted, u64::from(doc.deleted));
+    t
+}
+
+fn from_tantivy(t: &TantivyDocument, f: Fields) -> Doc {
+    let text = |field| t.get_first(field).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    Doc {
+        post_id: text(f.post_id),
+        title: text(f.title),
+        content: text(f.content),
+        author_name: text(f.author_name),
+        created_at_us: t.get_first(f.created_at).and_then(|v| v.as_i64()).unwrap_or(0),
+        updated_at_us: t.get_first(f.updated_at).and_then(|v| v.as_i64()).unwrap_or(0),
+        version: t.get_first(f.version).and_then(|v| v.as_u64()).unwrap_or(0),
+        deleted: t.get_first(f.deleted).and_then(|v| v.as_u64()).unwrap_or(0) == 1,
+    }
+}
+
+impl Projection for SearchProjection {
+    fn name(&self) -> &str {
+        POST_SEARCH
+    }
+
+    fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    fn visible(&self) -> u64 {
+        self.checkpoint
+    }
+
+    fn apply_batch(&mut self, batch: &[Incoming]) -> Result<Vec<Parked>, ProjectionError> {
+        let mut parked = Vec::new();
+        for incoming in batch {
+            assert!(incoming.seq > self.applied, "event {} at or below applied {}", incoming.seq, self.applied);
+            if let Err(reason) = self.apply_one(incoming)? {
+                parked.push(Parked { seq: incoming.seq, reason });
+            }
+            self.applied = incoming.seq;
+        }
+        if !parked.is_empty() {
+            self.parked_total += parked.len() as u64;
+            self.parked_recent.extend(parked.iter().cloned());
+            let excess = self.parked_recent.len().saturating_sub(PARKED_RECENT_MAX);
+            self.parked_recent.drain(..excess);
+        }
+        if self.last_commit.elapsed() >= COMMIT_INTERVAL {
+            self.commit()?;
+        }
+        Ok(parked)
+    }
+
+    fn flush(&mut self) -> Result<(), ProjectionError> {
+        self.commit()
+    }
+
+    fn recover(&mut self) -> Result<(), ProjectionError> {
+        self.writer.rollback().map_err(ProjectionError::new)?;
+        let payload: CommitPayload = self
+            .reader
+            .index
+            .load_metas()
+            .map_err(ProjectionError::new)?
+            .payload
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(ProjectionError::new)?
+            .unwrap_or_default();
+        self.checkpoint = payload.checkpoint;
+        self.applied = payload.checkpoint;
+        self.parked_total = payload.parked_total;
+        self.parked_recent = payload.parked_recent;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn parked_total(&self) -> u64 {
+        self.parked_total
+    }
+
+    fn parked_recent(&self) -> Vec<Parked> {
+        let mut v = self.parked_recent.clone();
+        v.reverse();
+        v
+    }
+}
+
+/// One search hit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hit {
+    pub post_id: String,
+    pub title: String,
+    pub author_name: String,
+    pub score: f32,
+    pub highlights: HashMap<&'static str, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Results {
+    pub hits: Vec<Hit>,
+    pub total: usize,
+    pub next_offset: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("query is empty")]
+    Empty,
+    #[error("query is over {QUERY_BYTES_MAX} bytes")]
+    TooLong,
+    #[error("query has more than {QUERY_TERMS_MAX} terms")]
+    TooManyTerms,
+    #[error("search index: {0}")]
+    Index(String),
+}
+
+/// The read side, cheap to clone.
+#[derive(Clone)]
+pub struct SearchReader {
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+}
+
+/// Edit distance allowed for a word: one typo from five letters, two from nine.
+#[must_use]
+pub fn typo_budget(word: &str) -> u8 {
+    match word.chars().count() {
+        0..=4 => 0,
+        5..=8 => 1,
+        _ => 2,
+    }
+}
+
+/// Splits user text into words and quoted phrases. Never fails: an unclosed
+/// quote just ends the phrase at the end of the text.
+fn split_query(q: &str) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    for (i, part) in q.split('"').enumerate() {
+        let is_phrase = i % 2 == 1;
+        if is_phrase {
+            if !part.trim().is_empty() {
+                out.push((true, part.to_string()));
+            }
+        } else {
+            out.extend(part.split_whitespace().map(|w| (false, w.to_string())));
+        }
+    }
+    out
+}
+
+impl SearchReader {
+    /// The stored document of a post, tombstone included.
+    ///
+    /// # Errors
+    /// When the index cannot be read.
+    pub fn get(&self, id: &str) -> Result<Option<Doc>, SearchError> {
+        let searcher = self.reader.searcher();
+        let q = TermQuery::new(Term::from_field_text(self.fields.post_id, id), IndexRecordOption::Basic);
+        let top = searcher
+            .search(&q, &TopDocs::with_limit(1).order_by_score())
+            .map_err(|e| SearchError::Index(e.to_string()))?;
+        match top.first() {
+            Some((_, addr)) => Ok(Some(self.doc(&searcher, *addr)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn doc(&self, searcher: &tantivy::Searcher, addr: DocAddress) -> Result<Doc, SearchError> {
+        let t: TantivyDocument = searcher.doc(addr).map_err(|e| SearchError::Index(e.to_string()))?;
+        Ok(from_tantivy(&t, self.fields))
+    }
+
+    fn tokens(&self, text: &str) -> Vec<String> {
+        let Ok(mut analyzer) = self.index.tokenizer_for_field(self.fields.title) else {
+            return Vec::new();
+        };
+        let mut stream = analyzer.token_stream(text);
+        let mut out = Vec::new();
+        while let Some(t) = stream.next() {
+            out.push(t.text.clone());
+        }
+        out
+    }
+
+    /// Builds the query: every word or phrase must match (title boosted,
+    /// content), words with typo tolerance; optional exact author filter.
+    fn build_query(&self, q: &str, author: Option<&str>) -> Result<(Box<dyn Query>, Box<dyn Query>), SearchError> {
+        if q.len() > QUERY_BYTES_MAX {
+            return Err(SearchError::TooLong);
+        }
+        let parts = split_query(q);
+        if parts.len() > QUERY_TERMS_MAX {
+            return Err(SearchError::TooManyTerms);
+        }
+        let f = self.fields;
+        let mut must: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        // Exact terms only, for highlighting.
+        let mut exact: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for (is_phrase, text) in parts {
+            let tokens = self.tokens(&text);
+            if tokens.is_empty() {
+                continue;
+            }
+            let mut per_field: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+            for (field, boost) in [(f.title, TITLE_BOOST), (f.content, 1.0)] {
+                let terms: Vec<Term> = tokens.iter().map(|t| Term::from_field_text(field, t)).collect();
+                if is_phrase && terms.len() > 1 {
+                    let phrase: Box<dyn Query> = Box::new(BoostQuery::new(Box::new(PhraseQuery::new(terms)), boost));
+                    exact.push((Occur::Should, phrase.box_clone()));
+                    per_field.push((Occur::Should, phrase));
+                } else {
+                    for (term, token) in terms.into_iter().zip(&tokens) {
+                        let exact_q: Box<dyn Query> = Box::new(BoostQuery::new(
+                            Box::new(TermQuery::new(term.clone(), IndexRecordOption::WithFreqs)),
+                            boost,
+                        ));
+                        exact.push((Occur::Should, exact_q.box_clone()));
+                        per_field.push((Occur::Should, exact_q));
+                        let budget = typo_budget(token);
+                        if budget > 0 && !is_phrase {
+                            per_field.push((
+                                Occur::Should,
+                                Box::new(BoostQuery::new(
+                                    Box::new(FuzzyTermQuery::new(term, budget, true)),
+                                    boost * FUZZY_WEIGHT,
+                                )),
+                            ));
+                        }
+                    }
+                }
+            }
+            must.push((Occur::Must, Box::new(BooleanQuery::new(per_field))));
+        }
+        if must.is_empty() {
+            return Err(SearchError::Empty);
+        }
+        must.push((
+            Occur::Must,
+            Box::new(TermQuery::new(Term::from_field_u64(f.deleted, 0), IndexRecordOption::Basic)),
+        ));
+        if let Some(a) = author {
+            must.push((
+                Occur::Must,
+                Box::new(TermQuery::new(Term::from_field_text(f.author_name, a), IndexRecordOption::Basic)),
+            ));
+        }
+        Ok((Box::new(BooleanQuery::new(must)), Box::new(BooleanQuery::new(exact))))
+    }
+
+    /// BM25-ranked search with typo tolerance, phrases and highlights.
+    ///
+    /// # Errors
+    /// [`SearchError`] for an empty, too long or too wide query.
+    pub fn search(&self, q: &str, author: Option<&str>, limit: usize, offset: usize) -> Result<Results, SearchError> {
+        let (query, exact) = self.build_query(q, author)?;
+        let searcher = self.reader.searcher();
+        let idx = |e: tantivy::TantivyError| SearchError::Index(e.to_string());
+        let (top, total) = searcher
+            .search(&query, &(TopDocs::with_limit(limit).and_offset(offset).order_by_score(), Count))
+            .map_err(idx)?;
+        let mut title_snip = SnippetGenerator::create(&searcher, &*exact, self.fields.title).map_err(idx)?;
+        title_snip.set_max_num_chars(SNIPPET_CHARS_MAX);
+        let mut content_snip = SnippetGenerator::create(&searcher, &*exact, self.fields.content).map_err(idx)?;
+        content_snip.set_max_num_chars(SNIPPET_CHARS_MAX);
+        let mut hits = Vec::with_capacity(top.len());
+        for (score, addr) in top {
+            let t: TantivyDocument = searcher.doc(addr).map_err(idx)?;
+            let d = from_tantivy(&t, self.fields);
+            let mut highlights = HashMap::new();
+            for (name, generator) in [("title", &title_snip), ("content", &content_snip)] {
+                let s = generator.snippet_from_doc(&t);
+                if !s.highlighted().is_empty() {
+                    highlights.insert(name, s.to_html());
+                }
+            }
+            hits.push(Hit {
+                post_id: d.post_id,
+                title: d.title,
+                author_name: d.author_name,
+                score,
+                highlights,
+            });
+        }
+        let next_offset = (offset + hits.len() < total && !hits.is_empty()).then_some(offset + hits.len());
+        Ok(Results { hits, total, next_offset })
+    }
+
+    /// Checkpoint of the last commit.
+    ///
+    /// # Errors
+    /// When the index meta cannot be read.
+    pub fn checkpoint(&self) -> Result<u64, SearchError> {
+        let payload: CommitPayload = self
+            .index
+            .load_metas()
+            .map_err(|e| SearchError::Index(e.to_string()))?
+            .payload
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| SearchError::Index(e.to_string()))?
+            .unwrap_or_default();
+        Ok(payload.checkpoint)
+    }
+
+    /// Every stored document, in post id order.
+    ///
+    /// # Errors
+    /// When the index cannot be read.
+    pub fn all_docs(&self) -> Result<Vec<Doc>, SearchError> {
+        let searcher = self.reader.searcher();
+        let idx = |e: tantivy::TantivyError| SearchError::Index(e.to_string());
+        let mut docs = Vec::new();
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let store = segment
+                .get_store_reader(64)
+                .map_err(|e| SearchError::Index(e.to_string()))?;
+            for doc_id in segment.doc_ids_alive() {
+                let t: TantivyDocument = store.get(doc_id).map_err(idx)?;
+                let _ = ord;
+                docs.push(from_tantivy(&t, self.fields));
+            }
+        }
+        docs.sort_by(|a, b| a.post_id.cmp(&b.post_id));
+        Ok(docs)
+    }
+
+    /// Live posts per author, for cross-checks against the view.
+    ///
+    /// # Errors
+    /// When the index cannot be read.
+    pub fn live_by_author(&self) -> Result<std::collections::BTreeMap<String, u64>, SearchError> {
+        let mut out = std::collections::BTreeMap::new();
+        for d in self.all_docs()? {
+            if !d.deleted {
+                *out.entry(d.author_name).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// SHA-256 over the stored document set in post id order and the checkpoint.
+    ///
+    /// # Errors
+    /// When the index cannot be read.
+    pub fn digest(&self) -> Result<String, SearchError> {
+        let mut h = Sha256::new();
+        for d in self.all_docs()? {
+            for s in [&d.post_id, &d.title, &d.content, &d.author_name] {
+                h.update((s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            h.update(d.created_at_us.to_le_bytes());
+            h.update(d.updated_at_us.to_le_bytes());
+            h.update(d.version.to_le_bytes());
+            h.update([u8::from(d.deleted)]);
+        }
+        h.update(self.checkpoint()?.to_le_bytes());
+        Ok(hex(&h.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typo_budget_follows_word_length() {
+        assert_eq!(typo_budget("rust"), 0);
+        assert_eq!(typo_budget("tokio"), 1);
+        assert_eq!(typo_budget("jetstream"), 2);
+    }
+
+    #[test]
+    fn unclosed_quotes_and_symbols_never_fail_to_split() {
+        assert_eq!(split_query("a \"b c"), vec![(false, "a".into()), (true, "b c".into())]);
+        assert_eq!(split_query("\"\"\""), Vec::<(bool, String)>::new());
+        assert_eq!(split_query("AND OR ( ) :"), vec![(false, "AND".into()), (false, "OR".into()), (false, "(".into()), (false, ")".into()), (false, ":".into())]);
+    }
+}

@@ -1,0 +1,453 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull::OrderedConfig};
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use eventstore::{EventStore, RecordedEvent};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::status::{ProjectionState, Status};
+use crate::{Incoming, Parked, Projection};
+
+/// Capped exponential backoff for transient faults (NATS down, disk full).
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// With nothing new for this long, make what was applied visible.
+const IDLE_FLUSH: Duration = Duration::from_millis(20);
+/// How often the consumer's idle heartbeat is expected; missing ones make the
+/// ordered consumer recreate itself.
+const FETCH_EXPIRES: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// Events per batch handed to `apply_batch`: one redb transaction each.
+    pub batch_events_max: usize,
+    /// Batches fetched ahead while one is being applied.
+    pub batches_ahead_max: usize,
+    /// Events the server sends per pull request.
+    pub pull_batch_max: i64,
+}
+
+impl RunnerOptions {
+    /// Live following: small enough batches that a read-your-writes wait is
+    /// short, big enough to catch up a backlog at full speed.
+    #[must_use]
+    pub fn live() -> Self {
+        Self {
+            batch_events_max: 2_000,
+            batches_ahead_max: 4,
+            pull_batch_max: 2_000,
+        }
+    }
+
+    /// Replay from sequence 1: large batches, deep pipeline.
+    #[must_use]
+    pub fn replay() -> Self {
+        Self {
+            batch_events_max: 10_000,
+            batches_ahead_max: 8,
+            pull_batch_max: 5_000,
+        }
+    }
+}
+
+struct Batch {
+    items: Vec<Incoming>,
+    /// Messages the server still had for us after the last one of the batch.
+    pending_after: u64,
+}
+
+/// Follows a stream into one projection until stopped.
+pub struct Runner {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<Option<Box<dyn Projection>>>,
+}
+
+impl Runner {
+    /// Starts following from `projection.checkpoint() + 1`.
+    #[must_use]
+    pub fn start(
+        projection: Box<dyn Projection>,
+        store: EventStore,
+        status: Arc<Status>,
+        options: RunnerOptions,
+    ) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = tokio::spawn(supervise(projection, store, status, options, stop_rx));
+        Self { stop, handle }
+    }
+
+    /// Stops after the batch in progress, flushes, and hands the projection back.
+    pub async fn stop(self) -> Option<Box<dyn Projection>> {
+        let _ = self.stop.send(true);
+        self.handle.await.ok().flatten()
+    }
+}
+
+/// Runs `projection` until its visible checkpoint reaches `target_seq`, then
+/// stops and returns it. Used by the replay tool.
+///
+/// # Errors
+/// When the runner dies before reaching the target.
+pub async fn drain_to(
+    projection: Box<dyn Projection>,
+    store: EventStore,
+    status: Arc<Status>,
+    options: RunnerOptions,
+    target_seq: u64,
+) -> Result<Box<dyn Projection>, String> {
+    let runner = Runner::start(projection, store, status.clone(), options);
+    status.wait_visible(target_seq, Duration::MAX).await;
+    runner.stop().await.ok_or_else(|| "projection runner died".to_string())
+}
+
+async fn supervise(
+    mut projection: Box<dyn Projection>,
+    store: EventStore,
+    status: Arc<Status>,
+    options: RunnerOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Box<dyn Projection>> {
+    let name = projection.name().to_string();
+    let mut backoff = BACKOFF_MIN;
+    let mut undelivered: Vec<(Parked, Incoming)> = Vec::new();
+    reconcile_dlq(&store, &name, projection.parked_recent(), &mut undelivered).await;
+    'restart: loop {
+        let from = projection.checkpoint() + 1;
+        status.set_visible(projection.visible());
+        let head = store.last_seq().await.unwrap_or(u64::MAX);
+        if projection.visible() >= head {
+            status.mark_caught_up();
+        }
+        let (tx, mut rx) = mpsc::channel::<Batch>(options.batches_ahead_max);
+        let fetch = tokio::spawn(fetch(store.clone(), from, tx, options.clone(), name.clone()));
+        let mut dirty = false;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.changed() => None,
+                b = tokio::time::timeout(IDLE_FLUSH, rx.recv()) => Some(b),
+            };
+            let batch = match next {
+                None => {
+                    fetch.abort();
+                    let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+                    if let Err(e) = res {
+                        tracing::warn!(projection = name, error = %e, "flush at stop failed");
+                    }
+                    status.set_visible(p.visible());
+                    return Some(p);
+                }
+                Some(Err(_idle)) => {
+                    if dirty {
+                        let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+                        projection = p;
+                        if let Err(e) = res {
+                            fault(&status, &name, &e.0);
+                            fetch.abort();
+                            projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                            continue 'restart;
+                        }
+                        dirty = false;
+                        status.set_visible(projection.visible());
+                        if projection.visible() >= head || rx.is_empty() {
+                            status.mark_caught_up();
+                        }
+                    }
+                    deliver_dlq(&store, &name, &mut undelivered).await;
+                    continue;
+                }
+                Some(Ok(None)) => {
+                    // The fetch task only ends when aborted; treat as a fault.
+                    fault(&status, &name, "stream follower ended");
+                    projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                    continue 'restart;
+                }
+                Some(Ok(Some(batch))) => batch,
+            };
+            let pending_after = batch.pending_after;
+            let items = batch.items;
+            let (p, result, items) = match tokio::task::spawn_blocking(move || {
+                let r = projection.apply_batch(&items);
+                (projection, r, items)
+            })
+            .await
+            {
+                Ok(v) => v,
+                Err(join) => {
+                    tracing::error!(projection = name, error = %join, "apply panicked; projection lost");
+                    status.set_state(ProjectionState::Halted);
+                    status.set_error(Some(format!("apply panicked: {join}")));
+                    return None;
+                }
+            };
+            projection = p;
+            match result {
+                Ok(parked) => {
+                    backoff = BACKOFF_MIN;
+                    status.set_error(None);
+                    if status.state() == ProjectionState::Halted {
+                        status.set_state(ProjectionState::Running);
+                    }
+                    if !parked.is_empty() {
+                        status.set_parked_total(projection.parked_total());
+                        for p in parked {
+                            tracing::warn!(projection = name, seq = p.seq, reason = p.reason, "event parked");
+                            if let Some(inc) = items.iter().find(|i| i.seq == p.seq) {
+                                undelivered.push((p, inc.clone()));
+                            }
+                        }
+                        deliver_dlq(&store, &name, &mut undelivered).await;
+                    }
+                    dirty = true;
+                    status.set_visible(projection.visible());
+                    if pending_after == 0 && rx.is_empty() {
+                        let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+                        projection = p;
+                        if let Err(e) = res {
+                            fault(&status, &name, &e.0);
+                            fetch.abort();
+                            projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                            continue 'restart;
+                        }
+                        dirty = false;
+                        status.set_visible(projection.visible());
+                        status.mark_caught_up();
+                    }
+                }
+                Err(e) => {
+                    fault(&status, &name, &e.0);
+                    fetch.abort();
+                    projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                    continue 'restart;
+                }
+            }
+        }
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    mut projection: Box<dyn Projection>,
+    f: impl FnOnce(&mut dyn Projection) -> T + Send + 'static,
+) -> Option<(Box<dyn Projection>, T)> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(projection.as_mut());
+        (projection, r)
+    })
+    .await
+    .ok()
+}
+
+fn fault(status: &Status, name: &str, error: &str) {
+    tracing::warn!(projection = name, error, "projection fault; will retry from checkpoint");
+    status.set_state(ProjectionState::Halted);
+    status.set_error(Some(error.to_string()));
+}
+
+async fn recover(
+    projection: Box<dyn Projection>,
+    status: &Status,
+    name: &str,
+    backoff: &mut Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Box<dyn Projection>> {
+    tokio::select! {
+        _ = stop.changed() => {},
+        () = tokio::time::sleep(*backoff) => {},
+    }
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    let (p, res) = run_blocking(projection, |p| p.recover()).await?;
+    if let Err(e) = res {
+        tracing::error!(projection = name, error = %e, "recover failed");
+        status.set_error(Some(e.0));
+    }
+    Some(p)
+}
+
+fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
+    Incoming {
+        seq,
+        subject: msg.subject.to_string(),
+        headers: msg.headers.clone(),
+        payload: msg.payload.clone(),
+        envelope: RecordedEvent::from_message(msg, seq, prefix),
+    }
+}
+
+/// Reads the stream from `from` into batches; recreates the consumer after
+/// an error, from the sequence after the last one it sent.
+async fn fetch(store: EventStore, from: u64, tx: mpsc::Sender<Batch>, options: RunnerOptions, name: String) {
+    let mut next = from;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match fetch_once(&store, &mut next, &tx, &options).await {
+            Ok(()) => return, // receiver gone: we are being stopped
+            Err(e) => {
+                tracing::warn!(projection = name, from = next, error = e, "stream follower failed; recreating");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn fetch_once(
+    store: &EventStore,
+    next: &mut u64,
+    tx: &mpsc::Sender<Batch>,
+    options: &RunnerOptions,
+) -> Result<(), String> {
+    let stream = store
+        .jetstream()
+        .get_stream(store.stream_name())
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            name: None,
+            description: Some("projection follower".to_string()),
+            filter_subject: String::new(),
+            filter_subjects: Vec::new(),
+            // Ordered consumers need no server state and no acks: the
+            // checkpoint in the projection's own store is the position.
+            replay_policy: ReplayPolicy::Instant,
+            rate_limit: 0,
+            sample_frequency: 0,
+            headers_only: false,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *next },
+            max_waiting: 0,
+            metadata: std::collections::HashMap::new(),
+            max_batch: options.pull_batch_max,
+            max_bytes: 0,
+            max_expires: FETCH_EXPIRES,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let prefix = store.subject_prefix().to_string();
+    loop {
+        let mut items = Vec::new();
+        let mut pending_after = 0;
+        let mut push = |msg: async_nats::jetstream::Message, items: &mut Vec<Incoming>| -> Result<(), String> {
+            let info = msg.info().map_err(|e| e.to_string())?;
+            let seq = info.stream_sequence;
+            pending_after = info.pending;
+            // A recreated consumer may resend: keep strict stream order.
+            if seq >= *next {
+                items.push(to_incoming(&msg.message, seq, &prefix));
+                *next = seq + 1;
+            }
+            Ok(())
+        };
+        match messages.next().await {
+            Some(Ok(msg)) => push(msg, &mut items)?,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("consumer closed".into()),
+        }
+        while items.len() < options.batch_events_max {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(msg))) => push(msg, &mut items)?,
+                Some(Some(Err(e))) => {
+                    if !items.is_empty() && tx.send(Batch { items, pending_after }).await.is_err() {
+                        return Ok(());
+                    }
+                    return Err(e.to_string());
+                }
+                Some(None) => return Err("consumer closed".into()),
+                None => break,
+            }
+        }
+        if items.is_empty() {
+            continue;
+        }
+        if tx.send(Batch { items, pending_after }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn dlq_subject(name: &str, seq: u64) -> String {
+    format!("dlq.{name}.{seq}")
+}
+
+/// After a crash between a commit and the DLQ publish, the parked records in
+/// the store are the truth: republish the ones the DLQ lacks.
+async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out: &mut Vec<(Parked, Incoming)>) {
+    if parked.is_empty() {
+        return;
+    }
+    let Ok(dlq) = store.jetstream().get_stream("DLQ").await else {
+        return;
+    };
+    for p in parked {
+        match dlq.direct_get_last_for_subject(dlq_subject(name, p.seq)).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                if let Ok(Some(raw)) = raw_message(store, p.seq).await {
+                    out.push((p, raw));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    deliver_dlq(store, name, out).await;
+}
+
+async fn raw_message(store: &EventStore, seq: u64) -> Result<Option<Incoming>, String> {
+    let stream = store
+        .jetstream()
+        .get_stream(store.stream_name())
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream.direct_get(seq).await {
+        Ok(m) => Ok(Some(Incoming {
+            seq,
+            subject: m.subject.to_string(),
+            headers: Some(m.headers.clone()),
+            payload: m.payload.clone(),
+            envelope: RecordedEvent::from_parts(m.subject.as_str(), store.subject_prefix(), seq, Some(&m.headers), m.payload),
+        })),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Publishes parked events to `dlq.<projection>.<seq>`, deduplicated by
+/// `Nats-Msg-Id`; what fails stays queued for the next call.
+async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, Incoming)>) {
+    let mut kept = Vec::new();
+    for (parked, inc) in queue.drain(..) {
+        let mut headers = HeaderMap::new();
+        if let Some(h) = &inc.headers {
+            for (k, vs) in h.iter() {
+                let key: &str = k.as_ref();
+                if key.starts_with("Nats-") {
+                    continue;
+                }
+                for v in vs {
+                    headers.append(key, v.as_str());
+                }
+            }
+        }
+        headers.insert("Nats-Msg-Id", format!("{name}-{}", parked.seq).as_str());
+        headers.insert("Parked-By", name);
+        headers.insert("Parked-Seq", parked.seq.to_string().as_str());
+        headers.insert("Parked-Reason", parked.reason.replace(['\r', '\n'], " ").as_str());
+        headers.insert("Original-Subject", inc.subject.as_str());
+        let sent = async {
+            store
+                .jetstream()
+                .publish_with_headers(dlq_subject(name, parked.seq), headers, inc.payload.clone())
+                .await?
+                .await
+        }
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(projection = name, seq = parked.seq, error = %e, "DLQ publish failed; will retry");
+            kept.push((parked, inc));
+        }
+    }
+    *queue = kept;
+}
