@@ -52,7 +52,10 @@ fn limit(params: &HashMap<String, String>) -> Result<usize, Problem> {
         None => Ok(LIMIT_DEFAULT),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
-            _ => Err(bad("invalid-limit", format!("limit must be an integer in 1..={LIMIT_MAX}, got {v:?}"))),
+            _ => Err(bad(
+                "invalid-limit",
+                format!("limit must be an integer in 1..={LIMIT_MAX}, got {v:?}"),
+            )),
         },
     }
 }
@@ -61,7 +64,10 @@ fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Problem> {
     match params.get(name).map(String::as_str) {
         None | Some("false" | "0") => Ok(false),
         Some("true" | "1" | "") => Ok(true),
-        Some(v) => Err(bad("invalid-parameter", format!("{name} must be true or false, got {v:?}"))),
+        Some(v) => Err(bad(
+            "invalid-parameter",
+            format!("{name} must be true or false, got {v:?}"),
+        )),
     }
 }
 
@@ -80,10 +86,12 @@ async fn read_your_writes(
     let Some(raw) = raw else {
         return Ok(());
     };
-    let min_seq: u64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| bad("invalid-min-seq", format!("min_seq must be a stream sequence (u64), got {raw:?}")))?;
+    let min_seq: u64 = raw.trim().parse().map_err(|_| {
+        bad(
+            "invalid-min-seq",
+            format!("min_seq must be a stream sequence (u64), got {raw:?}"),
+        )
+    })?;
     let Some(status) = state.status(projection) else {
         return Ok(());
     };
@@ -127,13 +135,18 @@ fn dto(id: String, r: Row) -> PostDto {
 
 fn view_problem(e: ViewError) -> Problem {
     match e {
-        ViewError::BadCursor => bad("invalid-cursor", "cursor is malformed; use next_cursor from a previous page"),
+        ViewError::BadCursor => bad(
+            "invalid-cursor",
+            "cursor is malformed; use next_cursor from a previous page",
+        ),
         ViewError::Store(_) => Problem::internal(&e),
     }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Problem> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Problem::internal(&e))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Problem::internal(&e))
 }
 
 async fn get_post(
@@ -147,14 +160,26 @@ async fn get_post(
     read_your_writes(&state, POST_VIEW, &params, &headers).await?;
     let view = state.view();
     let lookup = id.clone();
-    let row = blocking(move || view.get(&lookup)).await?.map_err(view_problem)?;
+    let row = blocking(move || view.get(&lookup))
+        .await?
+        .map_err(view_problem)?;
     match row {
-        Some(r) if !r.deleted || include_deleted => Ok(Json(json!({ "data": dto(id, r) })).into_response()),
-        _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", format!("post {id} not found"))),
+        Some(r) if !r.deleted || include_deleted => {
+            Ok(Json(json!({ "data": dto(id, r) })).into_response())
+        }
+        _ => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("post {id} not found"),
+        )),
     }
 }
 
-async fn list(State(state): State<AppState>, Query(params): Params, headers: HeaderMap) -> Result<Response, Problem> {
+async fn list(
+    State(state): State<AppState>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
     let limit = limit(&params)?;
     read_your_writes(&state, POST_VIEW, &params, &headers).await?;
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
@@ -172,16 +197,30 @@ fn decode_offset(cursor: &str) -> Result<usize, Problem> {
         .strip_prefix("o")
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|n| *n <= 100_000)
-        .ok_or_else(|| bad("invalid-cursor", "cursor is malformed; use next_cursor from a previous page"))
+        .ok_or_else(|| {
+            bad(
+                "invalid-cursor",
+                "cursor is malformed; use next_cursor from a previous page",
+            )
+        })
 }
 
-async fn search(State(state): State<AppState>, Query(params): Params, headers: HeaderMap) -> Result<Response, Problem> {
+async fn search(
+    State(state): State<AppState>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
     let limit = limit(&params)?;
     let q = params
         .get("q")
         .cloned()
         .ok_or_else(|| bad("missing-query", "q is required"))?;
-    let offset = params.get("cursor").filter(|c| !c.is_empty()).map(|c| decode_offset(c)).transpose()?.unwrap_or(0);
+    let offset = params
+        .get("cursor")
+        .filter(|c| !c.is_empty())
+        .map(|c| decode_offset(c))
+        .transpose()?
+        .unwrap_or(0);
     read_your_writes(&state, POST_SEARCH, &params, &headers).await?;
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
     let reader = state.search();
@@ -202,12 +241,24 @@ async fn search(State(state): State<AppState>, Query(params): Params, headers: H
 
 fn event_json(event: &Event) -> Value {
     match event {
-        Event::Created { title, content, author_name } => {
+        Event::Created {
+            title,
+            content,
+            author_name,
+        } => {
             json!({ "title": title, "content": content, "author_name": author_name })
         }
-        Event::Updated { title, content, author_name } => {
+        Event::Updated {
+            title,
+            content,
+            author_name,
+        } => {
             let mut m = serde_json::Map::new();
-            for (k, v) in [("title", title), ("content", content), ("author_name", author_name)] {
+            for (k, v) in [
+                ("title", title),
+                ("content", content),
+                ("author_name", author_name),
+            ] {
                 if let Some(v) = v {
                     m.insert(k.to_string(), json!(v));
                 }
@@ -218,10 +269,15 @@ fn event_json(event: &Event) -> Value {
     }
 }
 
-async fn history(State(state): State<AppState>, Path(raw_id): Path<String>) -> Result<Response, Problem> {
+async fn history(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+) -> Result<Response, Problem> {
     let id = parse_id(&raw_id, "post")?;
     let events = state.inner.store.load(&id, 0).await.map_err(|e| match e {
-        eventstore::LoadError::Unavailable(_) => Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS),
+        eventstore::LoadError::Unavailable(_) => {
+            Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
+        }
         eventstore::LoadError::Corrupt { seq, reason } => Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "corrupt-history",
@@ -230,7 +286,11 @@ async fn history(State(state): State<AppState>, Path(raw_id): Path<String>) -> R
         e @ eventstore::LoadError::TooLong(_) => Problem::internal(&e),
     })?;
     if events.is_empty() {
-        return Err(Problem::new(StatusCode::NOT_FOUND, "not-found", format!("post {id} not found")));
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("post {id} not found"),
+        ));
     }
     let data: Vec<Value> = events
         .iter()
@@ -267,7 +327,7 @@ async fn projections(State(state): State<AppState>) -> Response {
     let recent: HashMap<&str, Vec<projection::Parked>> = blocking(move || {
         let mut m = HashMap::new();
         m.insert(POST_VIEW, view.parked_recent().unwrap_or_default());
-        let _ = search;
+        m.insert(POST_SEARCH, search.parked_recent().unwrap_or_default());
         m
     })
     .await
@@ -278,17 +338,23 @@ async fn projections(State(state): State<AppState>) -> Response {
         .iter()
         .map(|s| {
             let snap = s.snapshot();
+            let rebuild = state.rebuild(&snap.name);
+            let shown_state = if rebuild.is_some() {
+                projection::ProjectionState::Rebuilding
+            } else {
+                snap.state
+            };
             json!({
                 "name": snap.name,
                 "checkpoint": snap.checkpoint,
                 "stream_last_seq": last,
                 "lag": last.map(|l| l.saturating_sub(snap.checkpoint)),
-                "state": snap.state,
+                "state": shown_state,
                 "parked": snap.parked,
                 "parked_recent": recent.get(snap.name.as_str()).cloned().unwrap_or_default(),
                 "caught_up_once": snap.caught_up_once,
                 "last_error": snap.last_error,
-                "rebuild": snap.rebuild,
+                "rebuild": rebuild,
             })
         })
         .collect();
@@ -306,6 +372,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if behind.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        Problem::unavailable(format!("still catching up: {}", behind.join(", ")), RETRY_AFTER_SECS).into_response()
+        Problem::unavailable(
+            format!("still catching up: {}", behind.join(", ")),
+            RETRY_AFTER_SECS,
+        )
+        .into_response()
     }
 }

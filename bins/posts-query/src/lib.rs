@@ -23,10 +23,18 @@ const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Query-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "posts-query", about = "Read models and HTTP reads for blog posts")]
+#[command(
+    name = "posts-query",
+    about = "Read models and HTTP reads for blog posts"
+)]
 pub struct Config {
     /// NATS server URL(s), comma separated for a cluster.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
     pub nats_url: Vec<String>,
     /// Address to serve HTTP on.
     #[arg(long, env = "QUERY_LISTEN", default_value = "127.0.0.1:4000")]
@@ -68,7 +76,10 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
 ///
 /// # Errors
 /// When start-up checks fail or the address cannot be bound.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -3,15 +3,24 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::post;
 use eventstore::EventStore;
+use posts_projections::rebuild::{self, Reader};
 use posts_projections::search::{self, SearchReader};
 use posts_projections::view::{self, ViewReader};
-use posts_projections::{POST_SEARCH, POST_VIEW};
-use projection::{Runner, RunnerOptions, Status};
+use posts_projections::{POST_SEARCH, POST_VIEW, PROJECTIONS};
+use projection::{Projection, RebuildProgress, Runner, RunnerOptions, Status};
+use serde::{Deserialize, Serialize};
+use servicekit::Problem;
+
+type Path = std::path::Path;
 
 /// Held with an exclusive lock while a `posts-query` runs on a data dir.
 pub const LOCK_FILE: &str = "posts-query.lock";
@@ -36,8 +45,12 @@ impl DataDirLock {
             .truncate(false)
             .write(true)
             .open(dir.join(LOCK_FILE))?;
-        file.try_lock()
-            .map_err(|_| anyhow::anyhow!("another process (posts-query or replay) is using {}", dir.display()))?;
+        file.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "another process (posts-query or replay) is using {}",
+                dir.display()
+            )
+        })?;
         let info = serde_json::json!({ "pid": std::process::id(), "listen": listen.to_string() });
         std::fs::write(dir.join(SERVICE_FILE), info.to_string())?;
         Ok(Self {
@@ -60,6 +73,7 @@ pub(crate) struct Inner {
     pub search: RwLock<SearchReader>,
     pub statuses: Vec<Arc<Status>>,
     pub runners: tokio::sync::Mutex<HashMap<String, Runner>>,
+    pub rebuilds: std::sync::Mutex<HashMap<String, RebuildProgress>>,
     _lock: DataDirLock,
 }
 
@@ -75,17 +89,24 @@ impl AppState {
     /// When a store cannot be opened.
     pub fn open(store: EventStore, lock: DataDirLock, data_dir: &Path) -> anyhow::Result<Self> {
         let view_path = data_dir.join(format!("{POST_VIEW}.redb"));
-        let (view_p, view_r) = view::open(&view_path).with_context(|| format!("cannot open {}", view_path.display()))?;
+        let (view_p, view_r) = view::open(&view_path)
+            .with_context(|| format!("cannot open {}", view_path.display()))?;
         let search_path = data_dir.join(POST_SEARCH);
         let (search_p, search_r) = search::open(&search_path, search::WRITER_HEAP_LIVE_BYTES)
             .with_context(|| format!("cannot open {}", search_path.display()))?;
         let mut runners = HashMap::new();
         let mut statuses = Vec::new();
-        for p in [Box::new(view_p) as Box<dyn projection::Projection>, Box::new(search_p)] {
+        for p in [
+            Box::new(view_p) as Box<dyn projection::Projection>,
+            Box::new(search_p),
+        ] {
             let status = Status::new(p.name(), p.visible(), p.parked_total());
             statuses.push(status.clone());
             let name = p.name().to_string();
-            runners.insert(name, Runner::start(p, store.clone(), status, RunnerOptions::live()));
+            runners.insert(
+                name,
+                Runner::start(p, store.clone(), status, RunnerOptions::live()),
+            );
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -95,21 +116,34 @@ impl AppState {
                 search: RwLock::new(search_r),
                 statuses,
                 runners: tokio::sync::Mutex::new(runners),
+                rebuilds: std::sync::Mutex::new(HashMap::new()),
                 _lock: lock,
             }),
         })
     }
 
     pub(crate) fn status(&self, name: &str) -> Option<Arc<Status>> {
-        self.inner.statuses.iter().find(|s| s.name() == name).cloned()
+        self.inner
+            .statuses
+            .iter()
+            .find(|s| s.name() == name)
+            .cloned()
     }
 
     pub(crate) fn view(&self) -> ViewReader {
-        self.inner.view.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.inner
+            .view
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub(crate) fn search(&self) -> SearchReader {
-        self.inner.search.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.inner
+            .search
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Stops every runner; each flushes what it applied.
@@ -121,7 +155,253 @@ impl AppState {
     }
 }
 
-/// Admin routes used by the replay tool; filled in with the swap protocol.
+/// How old a rebuild progress report may be and still show `rebuilding`:
+/// a replay that died stops reporting and the state falls back by itself.
+const REBUILD_REPORT_FRESH_MS: u64 = 5_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl AppState {
+    /// The rebuild in progress for `name`, if one reported recently.
+    pub(crate) fn rebuild(&self, name: &str) -> Option<RebuildProgress> {
+        let g = self.inner.rebuilds.lock().ok()?;
+        g.get(name)
+            .filter(|p| now_ms().saturating_sub(p.at_unix_ms) < REBUILD_REPORT_FRESH_MS)
+            .cloned()
+    }
+}
+
+/// Admin routes of the replay protocol (see ARCHITECTURE.md, "Replay").
 pub(crate) fn admin_routes() -> axum::Router<AppState> {
     axum::Router::new()
+        .route("/admin/projections/{name}/progress", post(progress))
+        .route("/admin/projections/{name}/swap", post(swap))
+}
+
+fn known(name: &str) -> Result<(), Problem> {
+    if PROJECTIONS.contains(&name) {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-projection",
+            format!(
+                "unknown projection {name:?}; known: {}",
+                PROJECTIONS.join(", ")
+            ),
+        ))
+    }
+}
+
+async fn progress(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Json(report): Json<RebuildProgress>,
+) -> Result<StatusCode, Problem> {
+    known(&name)?;
+    if let Ok(mut g) = state.inner.rebuilds.lock() {
+        g.insert(name, report);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct SwapRequest {
+    /// The shadow store, inside `<data-dir>/.rebuild/`.
+    path: PathBuf,
+    verify: bool,
+}
+
+#[derive(Serialize)]
+struct SwapResponse {
+    checkpoint: u64,
+    live_digest: Option<String>,
+    rebuilt_digest: Option<String>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Problem {
+    Problem::internal(&e)
+}
+
+/// Takes a rebuilt shadow store: pauses this projection's runner (reads go on
+/// from the old store), aligns old and new on one checkpoint, optionally
+/// compares digests, installs the shadow atomically, swaps the readers, and
+/// resumes following from the new store.
+async fn swap(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<SwapRequest>,
+) -> Result<Json<SwapResponse>, Problem> {
+    known(&name)?;
+    let data_dir = state.inner.data_dir.clone();
+    let rebuild_root = data_dir
+        .join(rebuild::REBUILD_DIR)
+        .canonicalize()
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-shadow",
+                "no rebuild directory in the data dir",
+            )
+        })?;
+    let shadow = req
+        .path
+        .canonicalize()
+        .ok()
+        .filter(|p| p.starts_with(&rebuild_root))
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-shadow",
+                format!("shadow path must be inside {}", rebuild_root.display()),
+            )
+        })?;
+    let status = state.status(&name).ok_or_else(|| internal("no status"))?;
+    let store = state.inner.store.clone();
+    let mut runners = state.inner.runners.lock().await;
+    let live = match runners.remove(&name) {
+        Some(r) => r.stop().await.ok_or_else(|| internal("live runner died"))?,
+        None => return Err(internal("projection is not running")),
+    };
+    let restart = |p: Box<dyn Projection>, runners: &mut HashMap<String, Runner>| {
+        runners.insert(
+            name.clone(),
+            Runner::start(p, store.clone(), status.clone(), RunnerOptions::live()),
+        );
+    };
+    let (new_p, new_reader) = {
+        let (n, s) = (name.clone(), shadow.clone());
+        match tokio::task::spawn_blocking(move || rebuild::open(&n, &s, false)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                restart(live, &mut runners);
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-shadow",
+                    format!("cannot open shadow: {e:#}"),
+                ));
+            }
+            Err(e) => {
+                restart(live, &mut runners);
+                return Err(internal(e));
+            }
+        }
+    };
+    let (live, new_p) = match rebuild::align(live, new_p, &store).await {
+        Ok(v) => v,
+        Err(e) => return Err(internal(e)),
+    };
+    let checkpoint = new_p.checkpoint();
+    let (mut live_digest, mut rebuilt_digest) = (None, None);
+    if req.verify {
+        let old_reader = match name.as_str() {
+            POST_VIEW => Reader::View(state.view()),
+            _ => Reader::Search(state.search()),
+        };
+        let nr = new_reader.clone();
+        let digests = tokio::task::spawn_blocking(move || {
+            Ok::<_, anyhow::Error>((old_reader.digest()?, nr.digest()?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        live_digest = Some(digests.0.clone());
+        rebuilt_digest = Some(digests.1.clone());
+        if digests.0 != digests.1 {
+            restart(live, &mut runners);
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "digest-mismatch",
+                format!(
+                    "at checkpoint {checkpoint} live digest {} differs from rebuilt {}; live store kept",
+                    digests.0, digests.1
+                ),
+            ));
+        }
+    }
+    let installed = match name.as_str() {
+        // redb works on its open file handle, which a rename does not
+        // disturb: install first, keep the shadow's handles, then close the
+        // old store (its readers finish on the unlinked file).
+        POST_VIEW => {
+            let (n, s, d) = (name.clone(), shadow.clone(), data_dir.clone());
+            match tokio::task::spawn_blocking(move || rebuild::install(&n, &s, &d))
+                .await
+                .map_err(internal)?
+            {
+                Ok(()) => {
+                    drop(live);
+                    Ok((new_p, new_reader))
+                }
+                Err(e) => {
+                    restart(live, &mut runners);
+                    return Err(internal(e));
+                }
+            }
+        }
+        // A tantivy writer writes by path and the paths are about to trade
+        // places: close both writers, exchange, reopen from the live path.
+        // Readers keep serving from the old segments (mapped) meanwhile.
+        _ => {
+            drop(live);
+            drop(new_p);
+            drop(new_reader);
+            let (n, s, d) = (name.clone(), shadow.clone(), data_dir.clone());
+            let (installed, reopened) = tokio::task::spawn_blocking(move || {
+                let installed = rebuild::install(&n, &s, &d);
+                // Installed or not, the live path holds a complete index.
+                (
+                    installed,
+                    rebuild::open(&n, &rebuild::live_path(&d, &n), false),
+                )
+            })
+            .await
+            .map_err(internal)?;
+            match (installed, reopened) {
+                (Ok(()), Ok(v)) => Ok(v),
+                (Err(e), Ok((p, _))) => {
+                    restart(p, &mut runners);
+                    return Err(internal(e));
+                }
+                (_, Err(e)) => Err(e),
+            }
+        }
+    };
+    let (p, reader) = match installed {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(
+                projection = name,
+                error = format!("{e:#}"),
+                "install failed; live store kept"
+            );
+            return Err(internal(e));
+        }
+    };
+    match reader {
+        Reader::View(r) => *state.inner.view.write().map_err(|_| internal("poisoned"))? = r,
+        Reader::Search(r) => {
+            *state
+                .inner
+                .search
+                .write()
+                .map_err(|_| internal("poisoned"))? = r
+        }
+    }
+    status.reset_visible(p.visible());
+    status.set_parked_total(p.parked_total());
+    restart(p, &mut runners);
+    if let Ok(mut g) = state.inner.rebuilds.lock() {
+        g.remove(&name);
+    }
+    tracing::info!(projection = name, checkpoint, "rebuilt store swapped in");
+    Ok(Json(SwapResponse {
+        checkpoint,
+        live_digest,
+        rebuilt_digest,
+    }))
 }

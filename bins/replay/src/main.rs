@@ -1,1 +1,343 @@
-fn main() {}
+//! `replay`: rebuilds a projection from stream sequence 1 into a shadow store,
+//! catches up to the live head, and swaps it in atomically. With a
+//! `posts-query` running on the data dir, the service keeps serving reads from
+//! the old store and swaps on request (see ARCHITECTURE.md, "Replay");
+//! without one, the tool works on the files itself.
+//!
+//! Exit codes: 0 success; 1 failure (NATS unreachable, verify mismatch, ...);
+//! 2 usage (unknown projection name, bad flags).
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use eventstore::{EventStore, StreamSpec, connect_checked, dlq_spec, provision};
+use posts_projections::rebuild;
+use posts_projections::{POST_SEARCH, POST_VIEW};
+use projection::{RebuildProgress, Status};
+use serde_json::json;
+
+/// How often progress is drawn or printed, and reported to a running service.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Plain progress lines when not on a terminal: one every few seconds.
+const PLAIN_LINE_EVERY: Duration = Duration::from_secs(5);
+/// The swap request waits for alignment and digests on the service side.
+const SWAP_TIMEOUT: Duration = Duration::from_secs(600);
+const REPLAY_LOCK_FILE: &str = "replay.lock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "replay",
+    about = "Rebuild a projection from stream sequence 1 with zero read downtime"
+)]
+struct Args {
+    /// Projection to rebuild.
+    #[arg(value_parser = ["post-view", "post-search", "all"])]
+    projection: String,
+    /// NATS server URL(s), comma separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
+    nats_url: Vec<String>,
+    /// The query service's data dir.
+    #[arg(long, env = "QUERY_DATA_DIR", default_value = "./data/query")]
+    data_dir: PathBuf,
+    /// Compare a content digest of the rebuilt store with the live one; fail if they differ.
+    #[arg(long)]
+    verify: bool,
+    /// Print one JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Outcome {
+    name: String,
+    events: u64,
+    seconds: f64,
+    events_per_sec: f64,
+    checkpoint: u64,
+    live_digest: Option<String>,
+    rebuilt_digest: Option<String>,
+    verified: Option<bool>,
+}
+
+enum Mode {
+    /// No service: we hold its lock and work on the files.
+    Offline(#[allow(dead_code, reason = "held for its lock")] File),
+    /// A service runs at this address and swaps on request.
+    Online(String),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let json = args.json;
+    match run(args).await {
+        Ok(outcomes) => {
+            let events: u64 = outcomes.iter().map(|o| o.events).sum();
+            let seconds: f64 = outcomes.iter().map(|o| o.seconds).sum();
+            if json {
+                let summary = json!({
+                    "ok": true,
+                    "events": events,
+                    "seconds": seconds,
+                    "events_per_sec": if seconds > 0.0 { events as f64 / seconds } else { 0.0 },
+                    "projections": outcomes,
+                });
+                println!("{summary}");
+            } else {
+                for o in &outcomes {
+                    eprintln!(
+                        "replay {}: {} events in {:.2}s ({:.0} events/s), swapped in at checkpoint {}",
+                        o.name, o.events, o.seconds, o.events_per_sec, o.checkpoint
+                    );
+                    if let (Some(l), Some(r)) = (&o.live_digest, &o.rebuilt_digest) {
+                        eprintln!("  live digest    {l}\n  rebuilt digest {r}\n  verified: equal");
+                    }
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!("{}", json!({ "ok": false, "error": format!("{e:#}") }));
+            }
+            eprintln!("replay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
+    let names: Vec<&str> = match args.projection.as_str() {
+        "all" => vec![POST_VIEW, POST_SEARCH],
+        one => vec![if one == POST_VIEW {
+            POST_VIEW
+        } else {
+            POST_SEARCH
+        }],
+    };
+    // NATS first: if it is unreachable, no file is touched.
+    let urls = args.nats_url.join(",");
+    let client = connect_checked(&args.nats_url, "replay")
+        .await
+        .with_context(|| "cannot reach NATS; no file was touched")?;
+    let js = async_nats::jetstream::new(client.clone());
+    let store = EventStore::open_existing(client, js.clone(), &StreamSpec::posts(1))
+        .await
+        .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?;
+    // Poison events are parked exactly as the live runner parks them.
+    if js.get_stream("DLQ").await.is_err() {
+        provision(&js, &dlq_spec(1))
+            .await
+            .context("cannot create stream DLQ")?;
+    }
+    let target = store.last_seq().await.context("cannot read stream POSTS")?;
+
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let replay_lock = lock(&args.data_dir.join(REPLAY_LOCK_FILE))
+        .map_err(|_| anyhow::anyhow!("another replay is running on {}", args.data_dir.display()))?;
+    rebuild::remove_stale_shadows(&args.data_dir);
+    let mode = match lock(&args.data_dir.join(posts_query::LOCK_FILE)) {
+        Ok(f) => Mode::Offline(f),
+        Err(_) => Mode::Online(service_address(&args.data_dir)?),
+    };
+    let mut outcomes = Vec::new();
+    for name in names {
+        outcomes.push(replay_one(name, &args, &store, target, &mode).await?);
+    }
+    drop(replay_lock);
+    Ok(outcomes)
+}
+
+fn lock(path: &Path) -> anyhow::Result<File> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    f.try_lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(f)
+}
+
+fn service_address(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(posts_query::SERVICE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "a posts-query holds {} but {} is unreadable",
+            data_dir.display(),
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v["listen"]
+        .as_str()
+        .map(|s| s.replace("0.0.0.0", "127.0.0.1"))
+        .ok_or_else(|| anyhow::anyhow!("{} has no listen address", path.display()))
+}
+
+async fn replay_one(
+    name: &str,
+    args: &Args,
+    store: &EventStore,
+    target: u64,
+    mode: &Mode,
+) -> anyhow::Result<Outcome> {
+    let status = Status::new(name, 0, 0);
+    let http = reqwest::Client::new();
+    let progress = tokio::spawn(show_progress(
+        name.to_string(),
+        status.clone(),
+        target,
+        match mode {
+            Mode::Online(addr) => Some((http.clone(), addr.clone())),
+            Mode::Offline(_) => None,
+        },
+    ));
+    let started = Instant::now();
+    let built = rebuild::build_shadow(name, &args.data_dir, store, target, status.clone()).await;
+    let seconds = started.elapsed().as_secs_f64();
+    progress.abort();
+    let (shadow_path, shadow, shadow_reader) = built?;
+    let events = shadow.checkpoint();
+    let mut outcome = Outcome {
+        name: name.to_string(),
+        events,
+        seconds,
+        events_per_sec: if seconds > 0.0 {
+            events as f64 / seconds
+        } else {
+            0.0
+        },
+        checkpoint: events,
+        live_digest: None,
+        rebuilt_digest: None,
+        verified: None,
+    };
+    match mode {
+        Mode::Offline(_) => {
+            let live_path = rebuild::live_path(&args.data_dir, name);
+            let (live, live_reader) = rebuild::open(name, &live_path, false)?;
+            let (live, shadow) = rebuild::align(live, shadow, store).await?;
+            outcome.checkpoint = shadow.checkpoint();
+            if args.verify {
+                let (l, r) = (live_reader.clone(), shadow_reader.clone());
+                let (ld, rd) = tokio::task::spawn_blocking(move || {
+                    Ok::<_, anyhow::Error>((l.digest()?, r.digest()?))
+                })
+                .await??;
+                outcome.verified = Some(ld == rd);
+                outcome.live_digest = Some(ld.clone());
+                outcome.rebuilt_digest = Some(rd.clone());
+                if ld != rd {
+                    bail!(
+                        "{name}: digest mismatch at checkpoint {}: live {ld}, rebuilt {rd}; live store kept",
+                        outcome.checkpoint
+                    );
+                }
+            }
+            drop((live, live_reader, shadow, shadow_reader));
+            rebuild::install(name, &shadow_path, &args.data_dir)
+                .with_context(|| format!("cannot install {}", shadow_path.display()))?;
+        }
+        Mode::Online(addr) => {
+            // Close our handles: the service opens the shadow itself.
+            drop((shadow, shadow_reader));
+            let resp = http
+                .post(format!("http://{addr}/admin/projections/{name}/swap"))
+                .timeout(SWAP_TIMEOUT)
+                .json(&json!({ "path": shadow_path, "verify": args.verify }))
+                .send()
+                .await
+                .with_context(|| format!("posts-query at {addr} did not take the swap"))?;
+            let code = resp.status();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            if !code.is_success() {
+                bail!(
+                    "{name}: posts-query refused the swap ({code}): {}",
+                    body["detail"].as_str().unwrap_or("no detail")
+                );
+            }
+            outcome.checkpoint = body["checkpoint"].as_u64().unwrap_or(outcome.checkpoint);
+            outcome.live_digest = body["live_digest"].as_str().map(str::to_string);
+            outcome.rebuilt_digest = body["rebuilt_digest"].as_str().map(str::to_string);
+            if args.verify {
+                outcome.verified = Some(outcome.live_digest == outcome.rebuilt_digest);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+async fn show_progress(
+    name: String,
+    status: Arc<Status>,
+    target: u64,
+    service: Option<(reqwest::Client, String)>,
+) {
+    let started = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(target);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>12} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(name.clone());
+        bar
+    });
+    let mut last_line = Instant::now();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tick.tick().await;
+        let applied = status.visible();
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = applied as f64 / secs;
+        match &bar {
+            Some(b) => b.set_position(applied),
+            None if last_line.elapsed() >= PLAIN_LINE_EVERY => {
+                let eta = if rate > 0.0 {
+                    (target.saturating_sub(applied)) as f64 / rate
+                } else {
+                    0.0
+                };
+                eprintln!("{name}: {applied}/{target} events, {rate:.0} events/s, ETA {eta:.0}s");
+                last_line = Instant::now();
+            }
+            None => {}
+        }
+        if let Some((http, addr)) = &service {
+            let report = RebuildProgress {
+                applied_seq: applied,
+                target_seq: target,
+                events_per_sec: rate,
+                at_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+            };
+            let _ = http
+                .post(format!("http://{addr}/admin/projections/{name}/progress"))
+                .timeout(Duration::from_secs(1))
+                .json(&report)
+                .send()
+                .await;
+        }
+    }
+}

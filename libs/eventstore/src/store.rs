@@ -67,6 +67,32 @@ impl EventStore {
         })
     }
 
+    /// Opens a stream that must already exist (tools that must not create one).
+    ///
+    /// # Errors
+    /// [`ProvisionError::Unreachable`] when the stream is missing or NATS does not answer.
+    pub async fn open_existing(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        spec: &StreamSpec,
+    ) -> Result<Self, ProvisionError> {
+        let stream = js
+            .get_stream(&spec.name)
+            .await
+            .map_err(|e| ProvisionError::Unreachable(format!("stream {}: {e}", spec.name)))?;
+        let subject_prefix = spec
+            .subjects
+            .first()
+            .map(|s| s.trim_end_matches('>').to_string())
+            .unwrap_or_default();
+        Ok(Self {
+            client,
+            js,
+            stream,
+            subject_prefix,
+        })
+    }
+
     #[must_use]
     pub fn subject_prefix(&self) -> &str {
         &self.subject_prefix

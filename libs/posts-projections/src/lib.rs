@@ -10,6 +10,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod rebuild;
 pub mod search;
 pub mod view;
 
@@ -51,3 +52,26 @@ pub fn format_micros(us: i64) -> String {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Crashes the process at a named point when `POSTS_FAILPOINT` names it: the
+/// chaos suite kills at exactly the dangerous instants (between two commits,
+/// during a swap). Compiled only into debug builds: release builds have no
+/// failpoints at all.
+#[cfg(debug_assertions)]
+pub fn failpoint(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        std::env::var("POSTS_FAILPOINT")
+            .ok()
+            .filter(|v| !v.is_empty())
+    });
+    if armed.as_deref() == Some(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Release builds: failpoints compile to nothing.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn failpoint(_name: &str) {}

@@ -13,10 +13,10 @@ use projection::{Incoming, Parked, Projection, ProjectionError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{BooleanQuery, BoostQuery, FuzzyTermQuery, Occur, PhraseQuery, Query, TermQuery};
-use tantivy::schema::{
-    Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value,
+use tantivy::query::{
+    BooleanQuery, BoostQuery, FuzzyTermQuery, Occur, PhraseQuery, Query, TermQuery,
 };
+use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
 use tantivy::snippet::SnippetGenerator;
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
@@ -91,7 +91,10 @@ struct CommitPayload {
 ///
 /// # Errors
 /// When the directory cannot be opened or is locked by another writer.
-pub fn open(dir: &Path, writer_heap_bytes: usize) -> anyhow::Result<(SearchProjection, SearchReader)> {
+pub fn open(
+    dir: &Path,
+    writer_heap_bytes: usize,
+) -> anyhow::Result<(SearchProjection, SearchReader)> {
     std::fs::create_dir_all(dir)?;
     let (schema, fields) = schema();
     let index = if dir.join("meta.json").exists() {
@@ -106,7 +109,10 @@ pub fn open(dir: &Path, writer_heap_bytes: usize) -> anyhow::Result<(SearchProje
         .map(serde_json::from_str)
         .transpose()?
         .unwrap_or_default();
-    let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+    let reader = index
+        .reader_builder()
+        .reload_policy(ReloadPolicy::Manual)
+        .try_into()?;
     let writer = index.writer_with_num_threads(1, writer_heap_bytes)?;
     let search_reader = SearchReader {
         index: index.clone(),
@@ -159,7 +165,14 @@ impl SearchProjection {
         let id = env.aggregate_id.clone();
         let at = micros(env.occurred_at);
         let doc = match (self.current(&id)?, event) {
-            (None, Event::Created { title, content, author_name }) => Doc {
+            (
+                None,
+                Event::Created {
+                    title,
+                    content,
+                    author_name,
+                },
+            ) => Doc {
                 post_id: id.clone(),
                 title,
                 content,
@@ -169,7 +182,14 @@ impl SearchProjection {
                 version: 1,
                 deleted: false,
             },
-            (Some(mut d), Event::Updated { title, content, author_name }) if !d.deleted => {
+            (
+                Some(mut d),
+                Event::Updated {
+                    title,
+                    content,
+                    author_name,
+                },
+            ) if !d.deleted => {
                 if let Some(t) = title {
                     d.title = t;
                 }
@@ -195,12 +215,18 @@ impl SearchProjection {
                     Some(d) if d.deleted => "deleted",
                     Some(_) => "live",
                 };
-                return Ok(Err(format!("{} cannot follow a post that is {state}", event.name())));
+                return Ok(Err(format!(
+                    "{} cannot follow a post that is {state}",
+                    event.name()
+                )));
             }
         };
         let f = self.reader.fields;
-        self.writer.delete_term(Term::from_field_text(f.post_id, &id));
-        self.writer.add_document(to_tantivy(&doc, f)).map_err(ProjectionError::new)?;
+        self.writer
+            .delete_term(Term::from_field_text(f.post_id, &id));
+        self.writer
+            .add_document(to_tantivy(&doc, f))
+            .map_err(ProjectionError::new)?;
         self.pending.insert(id, doc);
         Ok(Ok(()))
     }
@@ -217,7 +243,9 @@ impl SearchProjection {
         let text = serde_json::to_string(&payload).map_err(ProjectionError::new)?;
         let mut prepared = self.writer.prepare_commit().map_err(ProjectionError::new)?;
         prepared.set_payload(&text);
+        crate::failpoint("search-before-commit");
         prepared.commit().map_err(ProjectionError::new)?;
+        crate::failpoint("search-after-commit");
         self.reader.reader.reload().map_err(ProjectionError::new)?;
         self.checkpoint = self.applied;
         self.pending.clear();
@@ -242,14 +270,24 @@ fn to_tantivy(doc: &Doc, f: Fields) -> TantivyDocument {
 }
 
 fn from_tantivy(t: &TantivyDocument, f: Fields) -> Doc {
-    let text = |field| t.get_first(field).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let text = |field| {
+        t.get_first(field)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
     Doc {
         post_id: text(f.post_id),
         title: text(f.title),
         content: text(f.content),
         author_name: text(f.author_name),
-        created_at_us: t.get_first(f.created_at).and_then(|v| v.as_i64()).unwrap_or(0),
-        updated_at_us: t.get_first(f.updated_at).and_then(|v| v.as_i64()).unwrap_or(0),
+        created_at_us: t
+            .get_first(f.created_at)
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0),
+        updated_at_us: t
+            .get_first(f.updated_at)
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0),
         version: t.get_first(f.version).and_then(|v| v.as_u64()).unwrap_or(0),
         deleted: t.get_first(f.deleted).and_then(|v| v.as_u64()).unwrap_or(0) == 1,
     }
@@ -271,9 +309,17 @@ impl Projection for SearchProjection {
     fn apply_batch(&mut self, batch: &[Incoming]) -> Result<Vec<Parked>, ProjectionError> {
         let mut parked = Vec::new();
         for incoming in batch {
-            assert!(incoming.seq > self.applied, "event {} at or below applied {}", incoming.seq, self.applied);
+            assert!(
+                incoming.seq > self.applied,
+                "event {} at or below applied {}",
+                incoming.seq,
+                self.applied
+            );
             if let Err(reason) = self.apply_one(incoming)? {
-                parked.push(Parked { seq: incoming.seq, reason });
+                parked.push(Parked {
+                    seq: incoming.seq,
+                    reason,
+                });
             }
             self.applied = incoming.seq;
         }
@@ -396,7 +442,10 @@ impl SearchReader {
     /// When the index cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<Doc>, SearchError> {
         let searcher = self.reader.searcher();
-        let q = TermQuery::new(Term::from_field_text(self.fields.post_id, id), IndexRecordOption::Basic);
+        let q = TermQuery::new(
+            Term::from_field_text(self.fields.post_id, id),
+            IndexRecordOption::Basic,
+        );
         let top = searcher
             .search(&q, &TopDocs::with_limit(1).order_by_score())
             .map_err(|e| SearchError::Index(e.to_string()))?;
@@ -407,7 +456,9 @@ impl SearchReader {
     }
 
     fn doc(&self, searcher: &tantivy::Searcher, addr: DocAddress) -> Result<Doc, SearchError> {
-        let t: TantivyDocument = searcher.doc(addr).map_err(|e| SearchError::Index(e.to_string()))?;
+        let t: TantivyDocument = searcher
+            .doc(addr)
+            .map_err(|e| SearchError::Index(e.to_string()))?;
         Ok(from_tantivy(&t, self.fields))
     }
 
@@ -425,7 +476,11 @@ impl SearchReader {
 
     /// Builds the query: every word or phrase must match (title boosted,
     /// content), words with typo tolerance; optional exact author filter.
-    fn build_query(&self, q: &str, author: Option<&str>) -> Result<(Box<dyn Query>, Box<dyn Query>), SearchError> {
+    fn build_query(
+        &self,
+        q: &str,
+        author: Option<&str>,
+    ) -> Result<(Box<dyn Query>, Box<dyn Query>), SearchError> {
         if q.len() > QUERY_BYTES_MAX {
             return Err(SearchError::TooLong);
         }
@@ -444,9 +499,13 @@ impl SearchReader {
             }
             let mut per_field: Vec<(Occur, Box<dyn Query>)> = Vec::new();
             for (field, boost) in [(f.title, TITLE_BOOST), (f.content, 1.0)] {
-                let terms: Vec<Term> = tokens.iter().map(|t| Term::from_field_text(field, t)).collect();
+                let terms: Vec<Term> = tokens
+                    .iter()
+                    .map(|t| Term::from_field_text(field, t))
+                    .collect();
                 if is_phrase && terms.len() > 1 {
-                    let phrase: Box<dyn Query> = Box::new(BoostQuery::new(Box::new(PhraseQuery::new(terms)), boost));
+                    let phrase: Box<dyn Query> =
+                        Box::new(BoostQuery::new(Box::new(PhraseQuery::new(terms)), boost));
                     exact.push((Occur::Should, phrase.box_clone()));
                     per_field.push((Occur::Should, phrase));
                 } else {
@@ -477,31 +536,56 @@ impl SearchReader {
         }
         must.push((
             Occur::Must,
-            Box::new(TermQuery::new(Term::from_field_u64(f.deleted, 0), IndexRecordOption::Basic)),
+            Box::new(TermQuery::new(
+                Term::from_field_u64(f.deleted, 0),
+                IndexRecordOption::Basic,
+            )),
         ));
         if let Some(a) = author {
             must.push((
                 Occur::Must,
-                Box::new(TermQuery::new(Term::from_field_text(f.author_name, a), IndexRecordOption::Basic)),
+                Box::new(TermQuery::new(
+                    Term::from_field_text(f.author_name, a),
+                    IndexRecordOption::Basic,
+                )),
             ));
         }
-        Ok((Box::new(BooleanQuery::new(must)), Box::new(BooleanQuery::new(exact))))
+        Ok((
+            Box::new(BooleanQuery::new(must)),
+            Box::new(BooleanQuery::new(exact)),
+        ))
     }
 
     /// BM25-ranked search with typo tolerance, phrases and highlights.
     ///
     /// # Errors
     /// [`SearchError`] for an empty, too long or too wide query.
-    pub fn search(&self, q: &str, author: Option<&str>, limit: usize, offset: usize) -> Result<Results, SearchError> {
+    pub fn search(
+        &self,
+        q: &str,
+        author: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Results, SearchError> {
         let (query, exact) = self.build_query(q, author)?;
         let searcher = self.reader.searcher();
         let idx = |e: tantivy::TantivyError| SearchError::Index(e.to_string());
         let (top, total) = searcher
-            .search(&query, &(TopDocs::with_limit(limit).and_offset(offset).order_by_score(), Count))
+            .search(
+                &query,
+                &(
+                    TopDocs::with_limit(limit)
+                        .and_offset(offset)
+                        .order_by_score(),
+                    Count,
+                ),
+            )
             .map_err(idx)?;
-        let mut title_snip = SnippetGenerator::create(&searcher, &*exact, self.fields.title).map_err(idx)?;
+        let mut title_snip =
+            SnippetGenerator::create(&searcher, &*exact, self.fields.title).map_err(idx)?;
         title_snip.set_max_num_chars(SNIPPET_CHARS_MAX);
-        let mut content_snip = SnippetGenerator::create(&searcher, &*exact, self.fields.content).map_err(idx)?;
+        let mut content_snip =
+            SnippetGenerator::create(&searcher, &*exact, self.fields.content).map_err(idx)?;
         content_snip.set_max_num_chars(SNIPPET_CHARS_MAX);
         let mut hits = Vec::with_capacity(top.len());
         for (score, addr) in top {
@@ -522,8 +606,13 @@ impl SearchReader {
                 highlights,
             });
         }
-        let next_offset = (offset + hits.len() < total && !hits.is_empty()).then_some(offset + hits.len());
-        Ok(Results { hits, total, next_offset })
+        let next_offset =
+            (offset + hits.len() < total && !hits.is_empty()).then_some(offset + hits.len());
+        Ok(Results {
+            hits,
+            total,
+            next_offset,
+        })
     }
 
     /// Checkpoint of the last commit.
@@ -531,6 +620,20 @@ impl SearchReader {
     /// # Errors
     /// When the index meta cannot be read.
     pub fn checkpoint(&self) -> Result<u64, SearchError> {
+        Ok(self.payload()?.checkpoint)
+    }
+
+    /// The most recent parked events of the last commit, newest first.
+    ///
+    /// # Errors
+    /// When the index meta cannot be read.
+    pub fn parked_recent(&self) -> Result<Vec<Parked>, SearchError> {
+        let mut v = self.payload()?.parked_recent;
+        v.reverse();
+        Ok(v)
+    }
+
+    fn payload(&self) -> Result<CommitPayload, SearchError> {
         let payload: CommitPayload = self
             .index
             .load_metas()
@@ -541,7 +644,7 @@ impl SearchReader {
             .transpose()
             .map_err(|e| SearchError::Index(e.to_string()))?
             .unwrap_or_default();
-        Ok(payload.checkpoint)
+        Ok(payload)
     }
 
     /// Every stored document, in post id order.
@@ -614,8 +717,20 @@ mod tests {
 
     #[test]
     fn unclosed_quotes_and_symbols_never_fail_to_split() {
-        assert_eq!(split_query("a \"b c"), vec![(false, "a".into()), (true, "b c".into())]);
+        assert_eq!(
+            split_query("a \"b c"),
+            vec![(false, "a".into()), (true, "b c".into())]
+        );
         assert_eq!(split_query("\"\"\""), Vec::<(bool, String)>::new());
-        assert_eq!(split_query("AND OR ( ) :"), vec![(false, "AND".into()), (false, "OR".into()), (false, "(".into()), (false, ")".into()), (false, ":".into())]);
+        assert_eq!(
+            split_query("AND OR ( ) :"),
+            vec![
+                (false, "AND".into()),
+                (false, "OR".into()),
+                (false, "(".into()),
+                (false, ")".into()),
+                (false, ":".into())
+            ]
+        );
     }
 }

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{POST_VIEW, PARKED_RECENT_MAX, decode, hex, micros};
+use crate::{PARKED_RECENT_MAX, POST_VIEW, decode, hex, micros};
 
 const POSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("posts");
 /// Live posts, newest first by iterating backwards: (created_at_us, post_id).
@@ -65,7 +65,9 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let db = Database::builder().set_cache_size(CACHE_BYTES).create(path)?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?;
     let txn = db.begin_write()?;
     {
         txn.open_table(POSTS)?;
@@ -128,9 +130,20 @@ impl ViewProjection {
             None => None,
         };
         let row = match (existing, event) {
-            (None, Event::Created { title, content, author_name }) => {
-                by_created.insert((at, id), ()).map_err(ProjectionError::new)?;
-                by_author.insert((author_name.as_str(), at, id), ()).map_err(ProjectionError::new)?;
+            (
+                None,
+                Event::Created {
+                    title,
+                    content,
+                    author_name,
+                },
+            ) => {
+                by_created
+                    .insert((at, id), ())
+                    .map_err(ProjectionError::new)?;
+                by_author
+                    .insert((author_name.as_str(), at, id), ())
+                    .map_err(ProjectionError::new)?;
                 Row {
                     title,
                     content,
@@ -141,7 +154,14 @@ impl ViewProjection {
                     deleted: false,
                 }
             }
-            (Some(mut row), Event::Updated { title, content, author_name }) if !row.deleted => {
+            (
+                Some(mut row),
+                Event::Updated {
+                    title,
+                    content,
+                    author_name,
+                },
+            ) if !row.deleted => {
                 if let Some(t) = title {
                     row.title = t;
                 }
@@ -153,7 +173,9 @@ impl ViewProjection {
                         by_author
                             .remove((row.author_name.as_str(), row.created_at_us, id))
                             .map_err(ProjectionError::new)?;
-                        by_author.insert((a.as_str(), row.created_at_us, id), ()).map_err(ProjectionError::new)?;
+                        by_author
+                            .insert((a.as_str(), row.created_at_us, id), ())
+                            .map_err(ProjectionError::new)?;
                         row.author_name = a;
                     }
                 }
@@ -162,7 +184,9 @@ impl ViewProjection {
                 row
             }
             (Some(mut row), Event::Deleted) if !row.deleted => {
-                by_created.remove((row.created_at_us, id)).map_err(ProjectionError::new)?;
+                by_created
+                    .remove((row.created_at_us, id))
+                    .map_err(ProjectionError::new)?;
                 by_author
                     .remove((row.author_name.as_str(), row.created_at_us, id))
                     .map_err(ProjectionError::new)?;
@@ -177,10 +201,15 @@ impl ViewProjection {
                     Some(r) if r.deleted => "deleted",
                     Some(_) => "live",
                 };
-                return Ok(Err(format!("{} cannot follow a post that is {state}", event.name())));
+                return Ok(Err(format!(
+                    "{} cannot follow a post that is {state}",
+                    event.name()
+                )));
             }
         };
-        posts.insert(id, encode_row(&row).as_slice()).map_err(ProjectionError::new)?;
+        posts
+            .insert(id, encode_row(&row).as_slice())
+            .map_err(ProjectionError::new)?;
         Ok(Ok(()))
     }
 }
@@ -212,17 +241,32 @@ impl Projection for ViewProjection {
             let mut meta = txn.open_table(META).map_err(ProjectionError::new)?;
             for incoming in batch {
                 // The runner hands events in order, above the checkpoint.
-                assert!(incoming.seq > self.checkpoint, "event {} at or below checkpoint {}", incoming.seq, self.checkpoint);
-                if let Err(reason) = Self::apply_one(&mut posts, &mut by_created, &mut by_author, incoming)? {
-                    parked_table.insert(incoming.seq, reason.as_str()).map_err(ProjectionError::new)?;
-                    parked.push(Parked { seq: incoming.seq, reason });
+                assert!(
+                    incoming.seq > self.checkpoint,
+                    "event {} at or below checkpoint {}",
+                    incoming.seq,
+                    self.checkpoint
+                );
+                if let Err(reason) =
+                    Self::apply_one(&mut posts, &mut by_created, &mut by_author, incoming)?
+                {
+                    parked_table
+                        .insert(incoming.seq, reason.as_str())
+                        .map_err(ProjectionError::new)?;
+                    parked.push(Parked {
+                        seq: incoming.seq,
+                        reason,
+                    });
                 }
             }
             let parked_total = self.parked_total + parked.len() as u64;
-            meta.insert(META_CHECKPOINT, last.seq).map_err(ProjectionError::new)?;
-            meta.insert(META_PARKED_TOTAL, parked_total).map_err(ProjectionError::new)?;
+            meta.insert(META_CHECKPOINT, last.seq)
+                .map_err(ProjectionError::new)?;
+            meta.insert(META_PARKED_TOTAL, parked_total)
+                .map_err(ProjectionError::new)?;
         }
         txn.commit().map_err(ProjectionError::new)?;
+        crate::failpoint("view-after-commit");
         self.checkpoint = last.seq;
         self.parked_total += parked.len() as u64;
         Ok(parked)
@@ -234,7 +278,9 @@ impl Projection for ViewProjection {
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
         // An aborted write transaction left nothing behind: re-read the truth.
-        let reader = ViewReader { db: self.db.clone() };
+        let reader = ViewReader {
+            db: self.db.clone(),
+        };
         self.checkpoint = reader.checkpoint().map_err(ProjectionError::new)?;
         self.parked_total = reader.parked_total().map_err(ProjectionError::new)?;
         Ok(())
@@ -245,7 +291,11 @@ impl Projection for ViewProjection {
     }
 
     fn parked_recent(&self) -> Vec<Parked> {
-        ViewReader { db: self.db.clone() }.parked_recent().unwrap_or_default()
+        ViewReader {
+            db: self.db.clone(),
+        }
+        .parked_recent()
+        .unwrap_or_default()
     }
 }
 
@@ -264,7 +314,10 @@ fn decode_cursor(cursor: &str) -> Result<(i64, String), ViewError> {
         .map_err(|_| ViewError::BadCursor)?;
     let text = String::from_utf8(bytes).map_err(|_| ViewError::BadCursor)?;
     let (at, id) = text.split_once('/').ok_or(ViewError::BadCursor)?;
-    Ok((at.parse().map_err(|_| ViewError::BadCursor)?, id.to_string()))
+    Ok((
+        at.parse().map_err(|_| ViewError::BadCursor)?,
+        id.to_string(),
+    ))
 }
 
 impl ViewReader {
@@ -315,14 +368,22 @@ impl ViewReader {
     pub fn get(&self, id: &str) -> Result<Option<Row>, ViewError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let t = txn.open_table(POSTS).map_err(store_err)?;
-        t.get(id).map_err(store_err)?.map(|g| decode_row(g.value())).transpose()
+        t.get(id)
+            .map_err(store_err)?
+            .map(|g| decode_row(g.value()))
+            .transpose()
     }
 
     /// Live posts newest first, optionally of one author, after `cursor`.
     ///
     /// # Errors
     /// [`ViewError::BadCursor`] for a cursor this reader did not make.
-    pub fn list(&self, author: Option<&str>, limit: usize, cursor: Option<&str>) -> Result<Page, ViewError> {
+    pub fn list(
+        &self,
+        author: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page, ViewError> {
         let after = cursor.map(decode_cursor).transpose()?;
         let txn = self.db.begin_read().map_err(store_err)?;
         let posts = txn.open_table(POSTS).map_err(store_err)?;
@@ -418,7 +479,12 @@ impl ViewReader {
             h.update(v.value().as_bytes());
         }
         let meta = txn.open_table(META).map_err(store_err)?;
-        h.update(meta.get(META_CHECKPOINT).map_err(store_err)?.map_or(0, |g| g.value()).to_le_bytes());
+        h.update(
+            meta.get(META_CHECKPOINT)
+                .map_err(store_err)?
+                .map_or(0, |g| g.value())
+                .to_le_bytes(),
+        );
         Ok(hex(&h.finalize()))
     }
 }

@@ -28,6 +28,8 @@ pub struct RunnerOptions {
     pub batches_ahead_max: usize,
     /// Events the server sends per pull request.
     pub pull_batch_max: i64,
+    /// Apply nothing past this sequence (aligning two stores to one checkpoint).
+    pub stop_at: Option<u64>,
 }
 
 impl RunnerOptions {
@@ -39,6 +41,7 @@ impl RunnerOptions {
             batch_events_max: 2_000,
             batches_ahead_max: 4,
             pull_batch_max: 2_000,
+            stop_at: None,
         }
     }
 
@@ -49,6 +52,7 @@ impl RunnerOptions {
             batch_events_max: 10_000,
             batches_ahead_max: 8,
             pull_batch_max: 5_000,
+            stop_at: None,
         }
     }
 }
@@ -86,8 +90,9 @@ impl Runner {
     }
 }
 
-/// Runs `projection` until its visible checkpoint reaches `target_seq`, then
-/// stops and returns it. Used by the replay tool.
+/// Runs `projection` until its visible checkpoint reaches `target_seq`
+/// exactly (nothing past it is applied), then stops and returns it. Used to
+/// rebuild and to align two stores on one checkpoint.
 ///
 /// # Errors
 /// When the runner dies before reaching the target.
@@ -95,12 +100,19 @@ pub async fn drain_to(
     projection: Box<dyn Projection>,
     store: EventStore,
     status: Arc<Status>,
-    options: RunnerOptions,
+    mut options: RunnerOptions,
     target_seq: u64,
 ) -> Result<Box<dyn Projection>, String> {
+    if projection.visible() >= target_seq {
+        return Ok(projection);
+    }
+    options.stop_at = Some(target_seq);
     let runner = Runner::start(projection, store, status.clone(), options);
     status.wait_visible(target_seq, Duration::MAX).await;
-    runner.stop().await.ok_or_else(|| "projection runner died".to_string())
+    runner
+        .stop()
+        .await
+        .ok_or_else(|| "projection runner died".to_string())
 }
 
 async fn supervise(
@@ -122,7 +134,13 @@ async fn supervise(
             status.mark_caught_up();
         }
         let (tx, mut rx) = mpsc::channel::<Batch>(options.batches_ahead_max);
-        let fetch = tokio::spawn(fetch(store.clone(), from, tx, options.clone(), name.clone()));
+        let fetch = tokio::spawn(fetch(
+            store.clone(),
+            from,
+            tx,
+            options.clone(),
+            name.clone(),
+        ));
         let mut dirty = false;
         loop {
             let next = tokio::select! {
@@ -147,7 +165,9 @@ async fn supervise(
                         if let Err(e) = res {
                             fault(&status, &name, &e.0);
                             fetch.abort();
-                            projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                            projection =
+                                recover(projection, &status, &name, &mut backoff, &mut stop)
+                                    .await?;
                             continue 'restart;
                         }
                         dirty = false;
@@ -162,7 +182,8 @@ async fn supervise(
                 Some(Ok(None)) => {
                     // The fetch task only ends when aborted; treat as a fault.
                     fault(&status, &name, "stream follower ended");
-                    projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                    projection =
+                        recover(projection, &status, &name, &mut backoff, &mut stop).await?;
                     continue 'restart;
                 }
                 Some(Ok(Some(batch))) => batch,
@@ -194,7 +215,12 @@ async fn supervise(
                     if !parked.is_empty() {
                         status.set_parked_total(projection.parked_total());
                         for p in parked {
-                            tracing::warn!(projection = name, seq = p.seq, reason = p.reason, "event parked");
+                            tracing::warn!(
+                                projection = name,
+                                seq = p.seq,
+                                reason = p.reason,
+                                "event parked"
+                            );
                             if let Some(inc) = items.iter().find(|i| i.seq == p.seq) {
                                 undelivered.push((p, inc.clone()));
                             }
@@ -209,7 +235,9 @@ async fn supervise(
                         if let Err(e) = res {
                             fault(&status, &name, &e.0);
                             fetch.abort();
-                            projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                            projection =
+                                recover(projection, &status, &name, &mut backoff, &mut stop)
+                                    .await?;
                             continue 'restart;
                         }
                         dirty = false;
@@ -220,7 +248,8 @@ async fn supervise(
                 Err(e) => {
                     fault(&status, &name, &e.0);
                     fetch.abort();
-                    projection = recover(projection, &status, &name, &mut backoff, &mut stop).await?;
+                    projection =
+                        recover(projection, &status, &name, &mut backoff, &mut stop).await?;
                     continue 'restart;
                 }
             }
@@ -241,7 +270,11 @@ async fn run_blocking<T: Send + 'static>(
 }
 
 fn fault(status: &Status, name: &str, error: &str) {
-    tracing::warn!(projection = name, error, "projection fault; will retry from checkpoint");
+    tracing::warn!(
+        projection = name,
+        error,
+        "projection fault; will retry from checkpoint"
+    );
     status.set_state(ProjectionState::Halted);
     status.set_error(Some(error.to_string()));
 }
@@ -278,14 +311,25 @@ fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
 
 /// Reads the stream from `from` into batches; recreates the consumer after
 /// an error, from the sequence after the last one it sent.
-async fn fetch(store: EventStore, from: u64, tx: mpsc::Sender<Batch>, options: RunnerOptions, name: String) {
+async fn fetch(
+    store: EventStore,
+    from: u64,
+    tx: mpsc::Sender<Batch>,
+    options: RunnerOptions,
+    name: String,
+) {
     let mut next = from;
     let mut backoff = BACKOFF_MIN;
     loop {
         match fetch_once(&store, &mut next, &tx, &options).await {
             Ok(()) => return, // receiver gone: we are being stopped
             Err(e) => {
-                tracing::warn!(projection = name, from = next, error = e, "stream follower failed; recreating");
+                tracing::warn!(
+                    projection = name,
+                    from = next,
+                    error = e,
+                    "stream follower failed; recreating"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
@@ -316,7 +360,9 @@ async fn fetch_once(
             rate_limit: 0,
             sample_frequency: 0,
             headers_only: false,
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *next },
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: *next,
+            },
             max_waiting: 0,
             metadata: std::collections::HashMap::new(),
             max_batch: options.pull_batch_max,
@@ -330,12 +376,14 @@ async fn fetch_once(
     loop {
         let mut items = Vec::new();
         let mut pending_after = 0;
-        let mut push = |msg: async_nats::jetstream::Message, items: &mut Vec<Incoming>| -> Result<(), String> {
+        let mut push = |msg: async_nats::jetstream::Message,
+                        items: &mut Vec<Incoming>|
+         -> Result<(), String> {
             let info = msg.info().map_err(|e| e.to_string())?;
             let seq = info.stream_sequence;
             pending_after = info.pending;
             // A recreated consumer may resend: keep strict stream order.
-            if seq >= *next {
+            if seq >= *next && options.stop_at.is_none_or(|stop| seq <= stop) {
                 items.push(to_incoming(&msg.message, seq, &prefix));
                 *next = seq + 1;
             }
@@ -350,7 +398,15 @@ async fn fetch_once(
             match messages.next().now_or_never() {
                 Some(Some(Ok(msg))) => push(msg, &mut items)?,
                 Some(Some(Err(e))) => {
-                    if !items.is_empty() && tx.send(Batch { items, pending_after }).await.is_err() {
+                    if !items.is_empty()
+                        && tx
+                            .send(Batch {
+                                items,
+                                pending_after,
+                            })
+                            .await
+                            .is_err()
+                    {
                         return Ok(());
                     }
                     return Err(e.to_string());
@@ -360,9 +416,20 @@ async fn fetch_once(
             }
         }
         if items.is_empty() {
+            if options.stop_at.is_some_and(|stop| *next > stop) {
+                // Everything up to stop_at was sent; idle until stopped.
+                std::future::pending::<()>().await;
+            }
             continue;
         }
-        if tx.send(Batch { items, pending_after }).await.is_err() {
+        if tx
+            .send(Batch {
+                items,
+                pending_after,
+            })
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
@@ -374,7 +441,12 @@ fn dlq_subject(name: &str, seq: u64) -> String {
 
 /// After a crash between a commit and the DLQ publish, the parked records in
 /// the store are the truth: republish the ones the DLQ lacks.
-async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out: &mut Vec<(Parked, Incoming)>) {
+async fn reconcile_dlq(
+    store: &EventStore,
+    name: &str,
+    parked: Vec<Parked>,
+    out: &mut Vec<(Parked, Incoming)>,
+) {
     if parked.is_empty() {
         return;
     }
@@ -382,7 +454,10 @@ async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out:
         return;
     };
     for p in parked {
-        match dlq.direct_get_last_for_subject(dlq_subject(name, p.seq)).await {
+        match dlq
+            .direct_get_last_for_subject(dlq_subject(name, p.seq))
+            .await
+        {
             Ok(_) => {}
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
                 if let Ok(Some(raw)) = raw_message(store, p.seq).await {
@@ -407,7 +482,13 @@ async fn raw_message(store: &EventStore, seq: u64) -> Result<Option<Incoming>, S
             subject: m.subject.to_string(),
             headers: Some(m.headers.clone()),
             payload: m.payload.clone(),
-            envelope: RecordedEvent::from_parts(m.subject.as_str(), store.subject_prefix(), seq, Some(&m.headers), m.payload),
+            envelope: RecordedEvent::from_parts(
+                m.subject.as_str(),
+                store.subject_prefix(),
+                seq,
+                Some(&m.headers),
+                m.payload,
+            ),
         })),
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
         Err(e) => Err(e.to_string()),
@@ -434,7 +515,10 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, In
         headers.insert("Nats-Msg-Id", format!("{name}-{}", parked.seq).as_str());
         headers.insert("Parked-By", name);
         headers.insert("Parked-Seq", parked.seq.to_string().as_str());
-        headers.insert("Parked-Reason", parked.reason.replace(['\r', '\n'], " ").as_str());
+        headers.insert(
+            "Parked-Reason",
+            parked.reason.replace(['\r', '\n'], " ").as_str(),
+        );
         headers.insert("Original-Subject", inc.subject.as_str());
         let sent = async {
             store

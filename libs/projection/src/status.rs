@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -21,15 +21,16 @@ pub struct Status {
     parked_total: AtomicU64,
     caught_up_once: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
-    rebuild: Mutex<Option<RebuildProgress>>,
 }
 
 /// Progress of a rebuild in another process, reported to the service.
+/// `at_unix_ms` lets the service ignore a report from a replay that died.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct RebuildProgress {
     pub applied_seq: u64,
     pub target_seq: u64,
     pub events_per_sec: f64,
+    pub at_unix_ms: u64,
 }
 
 /// A copy of [`Status`] for `/projections`.
@@ -41,7 +42,6 @@ pub struct StatusSnapshot {
     pub parked: u64,
     pub caught_up_once: bool,
     pub last_error: Option<String>,
-    pub rebuild: Option<RebuildProgress>,
 }
 
 impl Status {
@@ -54,7 +54,6 @@ impl Status {
             parked_total: AtomicU64::new(parked_total),
             caught_up_once: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
-            rebuild: Mutex::new(None),
         })
     }
 
@@ -135,12 +134,6 @@ impl Status {
         }
     }
 
-    pub fn set_rebuild(&self, progress: Option<RebuildProgress>) {
-        if let Ok(mut g) = self.rebuild.lock() {
-            *g = progress;
-        }
-    }
-
     #[must_use]
     pub fn snapshot(&self) -> StatusSnapshot {
         StatusSnapshot {
@@ -150,7 +143,6 @@ impl Status {
             parked: self.parked_total(),
             caught_up_once: self.caught_up_once(),
             last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
-            rebuild: self.rebuild.lock().ok().and_then(|g| g.clone()),
         }
     }
 }
