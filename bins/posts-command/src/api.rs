@@ -34,7 +34,19 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(close_after_unread_body))
         .with_state(state)
+}
+
+/// A 413 leaves the request body unread, so hyper drops the connection after
+/// answering. Say so: without `Connection: close` clients put the connection
+/// back in their pool and their next request fails on a dead socket.
+async fn close_after_unread_body(mut resp: Response) -> Response {
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 async fn method_not_allowed() -> Problem {
@@ -113,14 +125,13 @@ async fn json_body<T: serde::de::DeserializeOwned>(
             format!("request body is over the {BODY_BYTES_MAX} byte limit"),
         )
     };
-    if let Some(len) = headers
+    if headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > BODY_BYTES_MAX as u64)
     {
-        if len > BODY_BYTES_MAX as u64 {
-            return Err(too_large());
-        }
+        return Err(too_large());
     }
     let bytes = axum::body::to_bytes(body, BODY_BYTES_MAX)
         .await
@@ -276,10 +287,8 @@ fn ack_response(status: StatusCode, ack: &Ack, meta: &Metadata, location: bool) 
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", ack.version)) {
         h.insert(header::ETAG, v);
     }
-    if location {
-        if let Ok(v) = HeaderValue::from_str(&format!("/posts/{}", ack.post_id)) {
-            h.insert(header::LOCATION, v);
-        }
+    if location && let Ok(v) = HeaderValue::from_str(&format!("/posts/{}", ack.post_id)) {
+        h.insert(header::LOCATION, v);
     }
     if let Ok(v) = HeaderValue::from_str(&meta.correlation_id) {
         h.insert("x-correlation-id", v);

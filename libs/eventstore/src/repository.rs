@@ -200,18 +200,18 @@ impl<A: Aggregate> Repository<A> {
             ),
         };
         for _ in 0..=CONFLICT_RETRIES_MAX {
-            if let Some(expected) = expected_version {
-                if loaded.version != expected {
-                    if !fresh {
-                        loaded = self.refresh(id, loaded).await?;
-                        fresh = true;
-                        continue;
-                    }
-                    return Err(ExecuteError::VersionMismatch {
-                        expected,
-                        actual: loaded.version,
-                    });
+            if let Some(expected) = expected_version
+                && loaded.version != expected
+            {
+                if !fresh {
+                    loaded = self.refresh(id, loaded).await?;
+                    fresh = true;
+                    continue;
                 }
+                return Err(ExecuteError::VersionMismatch {
+                    expected,
+                    actual: loaded.version,
+                });
             }
             let event = match decide(&loaded.state, loaded.version) {
                 Ok(Some(event)) => event,

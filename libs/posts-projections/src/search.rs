@@ -371,6 +371,9 @@ impl Projection for SearchProjection {
     }
 }
 
+/// The query to run, and the exact-terms-only query used for highlighting.
+type QueryPair = (Box<dyn Query>, Box<dyn Query>);
+
 /// One search hit.
 #[derive(Debug, Clone, Serialize)]
 pub struct Hit {
@@ -476,11 +479,7 @@ impl SearchReader {
 
     /// Builds the query: every word or phrase must match (title boosted,
     /// content), words with typo tolerance; optional exact author filter.
-    fn build_query(
-        &self,
-        q: &str,
-        author: Option<&str>,
-    ) -> Result<(Box<dyn Query>, Box<dyn Query>), SearchError> {
+    fn build_query(&self, q: &str, author: Option<&str>) -> Result<QueryPair, SearchError> {
         if q.len() > QUERY_BYTES_MAX {
             return Err(SearchError::TooLong);
         }

@@ -168,16 +168,16 @@ impl ViewProjection {
                 if let Some(c) = content {
                     row.content = c;
                 }
-                if let Some(a) = author_name {
-                    if a != row.author_name {
-                        by_author
-                            .remove((row.author_name.as_str(), row.created_at_us, id))
-                            .map_err(ProjectionError::new)?;
-                        by_author
-                            .insert((a.as_str(), row.created_at_us, id), ())
-                            .map_err(ProjectionError::new)?;
-                        row.author_name = a;
-                    }
+                if let Some(a) = author_name
+                    && a != row.author_name
+                {
+                    by_author
+                        .remove((row.author_name.as_str(), row.created_at_us, id))
+                        .map_err(ProjectionError::new)?;
+                    by_author
+                        .insert((a.as_str(), row.created_at_us, id), ())
+                        .map_err(ProjectionError::new)?;
+                    row.author_name = a;
                 }
                 row.version += 1;
                 row.updated_at_us = at;
@@ -304,7 +304,7 @@ fn encode_cursor(created_at_us: i64, id: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Result<(i64, String), ViewError> {
-    if cursor.len() % 2 != 0 || cursor.len() > 256 {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > 256 {
         return Err(ViewError::BadCursor);
     }
     let bytes: Vec<u8> = (0..cursor.len())
@@ -435,7 +435,7 @@ impl ViewReader {
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub fn len(&self) -> Result<u64, ViewError> {
+    pub fn count(&self) -> Result<u64, ViewError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let t = txn.open_table(POSTS).map_err(store_err)?;
         t.len().map_err(store_err)

@@ -230,11 +230,11 @@ impl NatsServer {
             &format!("nats-server on port {port}"),
             NATS_START_DEADLINE,
             || {
-                if let Some(c) = self.child.as_mut() {
-                    if matches!(c.try_wait(), Ok(Some(_))) {
-                        exited = true;
-                        return true;
-                    }
+                if let Some(c) = self.child.as_mut()
+                    && matches!(c.try_wait(), Ok(Some(_)))
+                {
+                    exited = true;
+                    return true;
                 }
                 speaks_nats(port)
             },
@@ -470,11 +470,11 @@ impl ServiceProcess {
             &format!("{} listening on {ready_port}", self.name),
             SERVICE_START_DEADLINE,
             || {
-                if let Some(c) = self.child.as_mut() {
-                    if let Ok(Some(status)) = c.try_wait() {
-                        exited = Some(status);
-                        return true;
-                    }
+                if let Some(c) = self.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    exited = Some(status);
+                    return true;
                 }
                 TcpStream::connect(("127.0.0.1", ready_port)).is_ok()
             },
