@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use async_nats::jetstream::context::AccountErrorKind;
 use async_nats::jetstream::{self, stream};
 
 /// How long JetStream remembers a `Nats-Msg-Id`. A command retried after a lost
@@ -127,10 +128,14 @@ pub async fn provision(
         Ok(_) => {}
         Err(e) => {
             let text = e.to_string();
-            if text.contains("not enabled")
-                || text.contains("503")
-                || text.contains("no responders")
-            {
+            // No responders on the JetStream API, or the API answering 503,
+            // means this server (or account) runs without JetStream.
+            let disabled = match e.kind() {
+                AccountErrorKind::JetStreamUnavailable => true,
+                AccountErrorKind::JetStream(api) => api.code() == 503,
+                AccountErrorKind::TimedOut | AccountErrorKind::Other => false,
+            };
+            if disabled || text.contains("not enabled") {
                 return Err(ProvisionError::JetStreamDisabled(text));
             }
             return Err(ProvisionError::Unreachable(text));

@@ -121,14 +121,18 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
-/// True when something on `port` answers the NATS handshake with INFO.
-fn speaks_nats(port: u16) -> bool {
+/// True when the server on `port` answers the NATS handshake with INFO and is
+/// the one named `server_name` (a parallel test may have grabbed the same
+/// free port for its own server).
+fn speaks_nats(port: u16, server_name: &str) -> bool {
     let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
+    BufReader::new(stream).read_line(&mut line).is_ok()
+        && line.starts_with("INFO ")
+        && line.contains(&format!("\"server_name\":\"{server_name}\""))
 }
 
 /// Options for a single nats-server.
@@ -149,6 +153,7 @@ impl Default for NatsOptions {
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    server_name: String,
     config_path: PathBuf,
     log_path: PathBuf,
     store_dir: PathBuf,
@@ -181,16 +186,18 @@ impl NatsServer {
             } else {
                 ""
             };
+            let server_name = unique_name("nats");
             fs::write(
                 &config_path,
                 format!(
-                    "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n  {sync}\n}}\n",
+                    "server_name: {server_name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n  {sync}\n}}\n",
                     store_dir.display()
                 ),
             )?;
             let mut server = Self {
                 child: None,
                 port,
+                server_name,
                 config_path,
                 log_path,
                 store_dir,
@@ -225,6 +232,7 @@ impl NatsServer {
             })?;
         self.child = Some(child);
         let port = self.port;
+        let name = self.server_name.clone();
         let mut exited = false;
         let res = wait_until(
             &format!("nats-server on port {port}"),
@@ -236,7 +244,7 @@ impl NatsServer {
                     exited = true;
                     return true;
                 }
-                speaks_nats(port)
+                speaks_nats(port, &name)
             },
         );
         if exited {
@@ -300,6 +308,7 @@ pub struct NatsCluster {
 struct ClusterNode {
     child: Option<Child>,
     port: u16,
+    server_name: String,
     config_path: PathBuf,
     log_path: PathBuf,
 }
@@ -326,7 +335,7 @@ impl NatsCluster {
             fs::write(
                 &config_path,
                 format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: {tag}\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    "server_name: {tag}-n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: {tag}\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
                     store.display(),
                     routes.join(", ")
                 ),
@@ -334,6 +343,7 @@ impl NatsCluster {
             nodes.push(ClusterNode {
                 child: None,
                 port: *port,
+                server_name: format!("{tag}-n{i}"),
                 config_path,
                 log_path: logs_dir().join(format!("{tag}-n{i}.log")),
             });
@@ -362,10 +372,11 @@ impl NatsCluster {
                 .context("spawn nats-server")?,
         );
         let port = node.port;
+        let name = node.server_name.clone();
         wait_until(
             &format!("cluster node n{i} on {port}"),
             NATS_START_DEADLINE,
-            || speaks_nats(port),
+            || speaks_nats(port, &name),
         )
     }
 

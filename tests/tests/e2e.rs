@@ -1,0 +1,6 @@
+//! End-to-end tests: one test binary with a module per area (link time).
+//! Every test starts its own `nats-server` on a free port, so they run in
+//! parallel. Process-based tests need `cargo build --bins` first.
+
+#[path = "e2e/command.rs"]
+mod command;
