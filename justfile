@@ -33,7 +33,7 @@ up:
     stop_timeout_s=15
 
     nats_bin="$(bash scripts/ensure-tool nats-server)"
-    cargo build --release --bins
+    cargo build --release --bin posts-command --bin posts-query --bin replay
 
     port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
     for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}'; do
@@ -174,7 +174,7 @@ test:
 replay projection *args:
     cargo run --release --bin replay -- "$1" --data-dir '{{ query_data_dir }}' "${@:2}"
 
-# Chaos tests in release: `just chaos [--rounds N] [test name filter] [libtest args]`; --rounds sets CHAOS_ROUNDS.
+# Chaos tests (debug build, which carries the failpoints): `just chaos [--rounds N] [test name filter] [libtest args]`; --rounds sets CHAOS_ROUNDS.
 chaos *args:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -203,9 +203,10 @@ chaos *args:
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
     echo "chaos: CHAOS_ROUNDS=${CHAOS_ROUNDS:-<test default>}"
-    # The chaos tests spawn the release service binaries.
-    cargo build --release --bins
-    cargo test --release -p e2e-tests --test chaos -- --nocapture ${rest[@]+"${rest[@]}"}
+    # The chaos tests spawn the service binaries; debug builds, because only
+    # they carry the failpoints (release builds compile them out).
+    cargo build --bin posts-command --bin posts-query --bin replay
+    cargo test -p e2e-tests --test chaos -- --nocapture ${rest[@]+"${rest[@]}"}
 
 # Benchmarks (release); args go to the `bench` binary (`just bench --help`).
 bench *args:

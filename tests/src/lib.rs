@@ -1,7 +1,9 @@
 //! Shared helpers for the workspace's end-to-end tests: a real `nats-server`,
-//! the command service started in-process or as a child process and spoken to
-//! over real HTTP sockets, and direct reads of the `POSTS` stream with
-//! async-nats (never through the product's own read path).
+//! the command and query services started in-process or as child processes
+//! and spoken to over real HTTP sockets, the `replay` binary run to
+//! completion, direct reads of the `POSTS` stream with async-nats (never
+//! through the product's own read path), and a model of what a test wrote
+//! ([`Written`]) to compare the read models against.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -259,9 +261,19 @@ impl Drop for InProcessCommand {
 /// # Errors
 /// When it does not come up.
 pub async fn start_nats() -> anyhow::Result<NatsServer> {
+    start_nats_with(&testkit::NatsOptions::default()).await
+}
+
+/// [`start_nats`] with explicit server options (e.g. without
+/// `sync_interval: always`, for tests that write a large stream quickly).
+///
+/// # Errors
+/// When it does not come up.
+pub async fn start_nats_with(options: &testkit::NatsOptions) -> anyhow::Result<NatsServer> {
     let mut last = None;
     for _ in 0..PORT_RACE_RETRIES_MAX {
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
+        let options = options.clone();
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start_with(&options)).await??;
         match nats_listens_itself(&nats, 1).await {
             Ok(()) => return Ok(nats),
             Err(e) => last = Some(e),
@@ -650,3 +662,815 @@ pub async fn spawn_command_process(
 
 /// Spawn attempts when a free port was taken by someone else in between.
 const PORT_RACE_RETRIES_MAX: u32 = 3;
+
+// ---------------------------------------------------------------------------
+// Query side: posts-query in-process or as a process, /projections, replay.
+// ---------------------------------------------------------------------------
+
+/// How long a query service may take to catch up with what a test wrote.
+pub const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
+/// A `replay` run on the test streams (tens of thousands of events at most)
+/// finishes well inside this; a hang must fail the test, not stall it.
+pub const REPLAY_DEADLINE: Duration = Duration::from_secs(120);
+/// The projections every query service runs, by their contract names.
+pub const PROJECTION_NAMES: [&str; 2] = ["post-view", "post-search"];
+
+/// A `posts-query` running inside the test process on a real socket.
+pub struct InProcessQuery {
+    pub base_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcessQuery {
+    /// Runs the service's own start-up (`posts_query::start`) on `data_dir`
+    /// and serves on a fresh loopback port.
+    ///
+    /// # Errors
+    /// When the start-up checks fail or no port can be bound.
+    pub async fn start(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = posts_query::Config {
+            nats_url: vec![nats_url.to_string()],
+            listen: addr,
+            data_dir: data_dir.to_path_buf(),
+            replicas: 1,
+        };
+        let state = posts_query::start(&config, addr).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(posts_query::run(state, listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            base_url: format!("http://{addr}"),
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Asks for a graceful shutdown and waits for `run` to return (the
+    /// runners commit what they applied).
+    ///
+    /// # Errors
+    /// When `run` failed or did not stop within 10 s.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .context("graceful shutdown took over 10s")???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InProcessQuery {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A real nats-server, in-process `posts-command` and `posts-query` on it
+/// (the query service on a temp data dir), an HTTP client and a direct reader
+/// of the stream: what most query tests need.
+pub struct QueryEnv {
+    pub query: InProcessQuery,
+    pub command: InProcessCommand,
+    pub http: reqwest::Client,
+    pub reader: StreamReader,
+    pub nats: NatsServer,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl QueryEnv {
+    /// # Errors
+    /// When nats-server or a service does not start.
+    pub async fn start() -> anyhow::Result<Self> {
+        let nats = start_nats().await?;
+        let data_dir = tempfile::Builder::new().prefix("query-data").tempdir()?;
+        let command = InProcessCommand::start(&nats.url()).await?;
+        let query = InProcessQuery::start(&nats.url(), data_dir.path()).await?;
+        let reader = StreamReader::connect(&nats.url()).await?;
+        let env = Self {
+            query,
+            command,
+            http: http_client(),
+            reader,
+            nats,
+            data_dir,
+        };
+        wait_ready(&env.http, &env.query.base_url).await?;
+        Ok(env)
+    }
+
+    /// A URL on the query service.
+    #[must_use]
+    pub fn q(&self, path: &str) -> String {
+        format!("{}{path}", self.query.base_url)
+    }
+
+    /// A URL on the command service.
+    #[must_use]
+    pub fn cmd(&self, path: &str) -> String {
+        format!("{}{path}", self.command.base_url)
+    }
+
+    /// `GET path` on the query service.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        Reply::of(self.http.get(self.q(path))).await
+    }
+
+    /// Creates a post through the command service, asserting 201.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn create(&self, title: &str, content: &str, author: &str) -> anyhow::Result<Ack> {
+        create_post(&self.http, &self.command.base_url, title, content, author).await
+    }
+
+    /// Updates a post through the command service, asserting 200.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn update(&self, post_id: &str, body: &Value) -> anyhow::Result<Ack> {
+        update_post(&self.http, &self.command.base_url, post_id, body).await
+    }
+
+    /// Deletes a post through the command service, asserting 200.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn delete(&self, post_id: &str) -> anyhow::Result<Ack> {
+        delete_post(&self.http, &self.command.base_url, post_id).await
+    }
+}
+
+/// `POST {command}/posts`, asserting 201.
+///
+/// # Errors
+/// Transport errors.
+pub async fn create_post(
+    http: &reqwest::Client,
+    command: &str,
+    title: &str,
+    content: &str,
+    author: &str,
+) -> anyhow::Result<Ack> {
+    let reply = Reply::of(
+        http.post(format!("{command}/posts"))
+            .json(&create_body(title, content, author)),
+    )
+    .await?;
+    Ok(reply.ack(201))
+}
+
+/// `PATCH {command}/posts/{id}`, asserting 200.
+///
+/// # Errors
+/// Transport errors.
+pub async fn update_post(
+    http: &reqwest::Client,
+    command: &str,
+    post_id: &str,
+    body: &Value,
+) -> anyhow::Result<Ack> {
+    let reply = Reply::of(http.patch(format!("{command}/posts/{post_id}")).json(body)).await?;
+    Ok(reply.ack(200))
+}
+
+/// `DELETE {command}/posts/{id}`, asserting 200.
+///
+/// # Errors
+/// Transport errors.
+pub async fn delete_post(
+    http: &reqwest::Client,
+    command: &str,
+    post_id: &str,
+) -> anyhow::Result<Ack> {
+    let reply = Reply::of(http.delete(format!("{command}/posts/{post_id}"))).await?;
+    Ok(reply.ack(200))
+}
+
+/// Waits until `GET {base}/readyz` answers 200.
+///
+/// # Errors
+/// When it does not within [`CATCH_UP_DEADLINE`].
+pub async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let url = format!("{base}/readyz");
+    wait_for("posts-query /readyz 200", CATCH_UP_DEADLINE, || {
+        let req = http.get(&url);
+        async move { Reply::of(req).await.ok().filter(|r| r.status == 200) }
+    })
+    .await?;
+    Ok(())
+}
+
+/// The `data` array of `GET {base}/projections`.
+///
+/// # Errors
+/// Transport errors or a non-200 answer.
+pub async fn projections(http: &reqwest::Client, base: &str) -> anyhow::Result<Vec<Value>> {
+    let reply = Reply::of(http.get(format!("{base}/projections"))).await?;
+    if reply.status != 200 {
+        bail!("/projections answered {}: {}", reply.status, reply.body);
+    }
+    let v = reply.json();
+    v["data"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("/projections has no data array: {v}"))
+}
+
+/// The entry of projection `name` in a `/projections` answer.
+///
+/// # Panics
+/// When it is missing.
+#[must_use]
+pub fn projection<'a>(entries: &'a [Value], name: &str) -> &'a Value {
+    entries
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no projection {name} in {entries:?}"))
+}
+
+/// Waits until `/projections` shows every projection with checkpoint and
+/// stream last sequence both equal to `seq`, and returns that answer.
+///
+/// # Errors
+/// When that does not happen within [`CATCH_UP_DEADLINE`].
+pub async fn wait_checkpoints(
+    http: &reqwest::Client,
+    base: &str,
+    seq: u64,
+) -> anyhow::Result<Vec<Value>> {
+    let end = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let last_seen = projections(http, base).await;
+        if let Ok(entries) = &last_seen {
+            let done = PROJECTION_NAMES.iter().all(|name| {
+                entries.iter().any(|e| {
+                    e["name"] == *name
+                        && e["checkpoint"].as_u64() == Some(seq)
+                        && e["stream_last_seq"].as_u64() == Some(seq)
+                })
+            });
+            if done {
+                return Ok(entries.clone());
+            }
+        }
+        if Instant::now() > end {
+            bail!(
+                "timed out after {CATCH_UP_DEADLINE:?} waiting for every checkpoint at stream \
+                 sequence {seq}; last /projections: {last_seen:?}"
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The arguments that run `posts-query` on `data_dir`, listening on `port`.
+#[must_use]
+pub fn query_args(nats_url: &str, port: u16, data_dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--nats-url".to_string(),
+        nats_url.to_string(),
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".to_string(),
+        data_dir.display().to_string(),
+    ]
+}
+
+/// Spawns a `posts-query` process (built by `cargo build --bins`) on
+/// `data_dir` and a free port, and waits until it is ready (`/readyz` 200).
+/// Retries when the port was taken.
+///
+/// # Errors
+/// When it does not start.
+pub async fn spawn_query_process(
+    nats_url: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(testkit::ServiceProcess, String)> {
+    let http = http_client_with_timeout(Duration::from_secs(5));
+    let mut last = None;
+    for _ in 0..PORT_RACE_RETRIES_MAX {
+        let port = testkit::free_port();
+        let args = query_args(nats_url, port, data_dir);
+        let spawned = tokio::task::spawn_blocking(move || {
+            testkit::ServiceProcess::spawn("posts-query", &args, &[], port)
+        })
+        .await?;
+        let process = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        // The port may have been taken by another test's service in between,
+        // which would satisfy testkit's readiness check: our own log settles it.
+        let listening = wait_for("posts-query log", CATCH_UP_DEADLINE, || {
+            let log = process.log();
+            let outcome = if log.contains("posts-query listening") {
+                Some(true)
+            } else if log.contains("posts-query failed") {
+                Some(false)
+            } else {
+                None
+            };
+            async move { outcome }
+        })
+        .await;
+        let base_url = format!("http://127.0.0.1:{port}");
+        let ours = match listening {
+            Ok(true) => wait_ready(&http, &base_url).await,
+            Ok(false) => Err(anyhow::anyhow!(
+                "posts-query failed to start:\n{}",
+                process.log()
+            )),
+            Err(e) => Err(e),
+        };
+        match ours {
+            Ok(()) => return Ok((process, base_url)),
+            Err(e) => last = Some(e.context(format!("see {}", process.log_path().display()))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("posts-query did not start")))
+}
+
+/// What a finished `replay` run printed.
+#[derive(Debug)]
+pub struct ReplayRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ReplayRun {
+    /// The `--json` summary on stdout.
+    ///
+    /// # Panics
+    /// When stdout is not one JSON document.
+    #[must_use]
+    pub fn summary(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("replay stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts exit 0 and a `--json` summary with `ok: true` and, for each
+    /// rebuilt projection, `verified: true` with equal digests; returns the
+    /// per-projection outcomes by name.
+    ///
+    /// # Panics
+    /// When any of that does not hold.
+    #[must_use]
+    pub fn assert_verified(&self, names: &[&str]) -> std::collections::HashMap<String, Value> {
+        assert!(self.status.success(), "replay failed: {self:?}");
+        let summary = self.summary();
+        assert_eq!(summary["ok"], true, "{summary}");
+        let outcomes = summary["projections"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no projections in {summary}"));
+        let by_name: std::collections::HashMap<String, Value> = outcomes
+            .iter()
+            .map(|o| {
+                (
+                    o["name"].as_str().unwrap_or_default().to_string(),
+                    o.clone(),
+                )
+            })
+            .collect();
+        let mut got: Vec<&str> = by_name.keys().map(String::as_str).collect();
+        got.sort_unstable();
+        let mut want = names.to_vec();
+        want.sort_unstable();
+        assert_eq!(got, want, "rebuilt projections: {summary}");
+        for (name, o) in &by_name {
+            assert_eq!(o["verified"], true, "{name} not verified: {o}");
+            assert!(o["live_digest"].is_string(), "{name}: {o}");
+            assert_eq!(o["live_digest"], o["rebuilt_digest"], "{name}: {o}");
+        }
+        by_name
+    }
+}
+
+/// Runs the `replay` binary with `args` to completion (killed after
+/// [`REPLAY_DEADLINE`]), capturing its output.
+///
+/// # Errors
+/// When it cannot be spawned or runs past the deadline.
+pub async fn run_replay(args: &[String]) -> anyhow::Result<ReplayRun> {
+    let path = testkit::bin_path("replay");
+    let child = tokio::process::Command::new(&path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {} (run `cargo build --bins` first)", path.display()))?;
+    let out = tokio::time::timeout(REPLAY_DEADLINE, child.wait_with_output())
+        .await
+        .with_context(|| format!("replay {args:?} still running after {REPLAY_DEADLINE:?}"))??;
+    Ok(ReplayRun {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `replay <projection> --nats-url <url> --data-dir <dir> [extra...]`.
+#[must_use]
+pub fn replay_args(
+    projection: &str,
+    nats_url: &str,
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = vec![
+        projection.to_string(),
+        "--nats-url".to_string(),
+        nats_url.to_string(),
+        "--data-dir".to_string(),
+        data_dir.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_string()));
+    args
+}
+
+/// Content digests of both projections' files under a stopped service's
+/// data dir: `(post-view, post-search)`.
+///
+/// # Errors
+/// When a store cannot be opened (a running service still holds it).
+pub fn file_digests(data_dir: &std::path::Path) -> anyhow::Result<(String, String)> {
+    let (view, view_reader) = posts_projections::view::open(&data_dir.join("post-view.redb"))?;
+    let view_digest = view_reader.digest()?;
+    drop((view, view_reader));
+    let (search, search_reader) = posts_projections::search::open(
+        &data_dir.join("post-search"),
+        posts_projections::search::WRITER_HEAP_LIVE_BYTES,
+    )?;
+    let search_digest = search_reader.digest()?;
+    drop((search, search_reader));
+    Ok((view_digest, search_digest))
+}
+
+/// Headers of an event as the command service writes them (a fresh
+/// `Nats-Msg-Id`, `Occurred-At` now), for tests that publish directly.
+#[must_use]
+pub fn event_headers(event_type: &str, schema: u32) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+    h.insert("Event-Type", event_type);
+    h.insert("Event-Schema", schema.to_string().as_str());
+    h.insert(
+        "Occurred-At",
+        eventstore::format_rfc3339(time::OffsetDateTime::now_utc()).as_str(),
+    );
+    h.insert("Correlation-Id", uuid::Uuid::now_v7().to_string().as_str());
+    h.insert("Causation-Id", uuid::Uuid::now_v7().to_string().as_str());
+    h
+}
+
+/// Publishes `event` (postcard, through `posts::encode`) on `posts.<post_id>`
+/// with valid headers, waits for the ack, and returns its stream sequence.
+///
+/// # Errors
+/// When the server does not acknowledge.
+pub async fn publish_event(
+    js: &jetstream::Context,
+    post_id: &str,
+    event: &posts::Event,
+) -> anyhow::Result<u64> {
+    let (ty, schema, bytes) = posts::encode(event);
+    let ack = js
+        .publish_with_headers(
+            subject_for(post_id),
+            event_headers(ty, schema),
+            bytes.into(),
+        )
+        .await?
+        .await?;
+    Ok(ack.sequence)
+}
+
+/// What a test expects one post to look like, from the commands it sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedPost {
+    pub title: String,
+    pub content: String,
+    pub author_name: String,
+    pub version: u64,
+    pub deleted: bool,
+}
+
+/// The posts a test wrote through the command service, as the acks and the
+/// request bodies say they must now be, and the highest acked sequence.
+#[derive(Debug, Default, Clone)]
+pub struct Written {
+    pub posts: std::collections::BTreeMap<String, ExpectedPost>,
+    /// Post ids in creation order.
+    pub order: Vec<String>,
+    pub last_seq: u64,
+}
+
+impl Written {
+    /// Records an acked create.
+    ///
+    /// # Panics
+    /// When the ack is not version 1 of a new post.
+    pub fn record_create(&mut self, ack: &Ack, title: &str, content: &str, author: &str) {
+        assert_eq!(ack.version, 1, "{ack:?}");
+        let fresh = self.posts.insert(
+            ack.post_id.clone(),
+            ExpectedPost {
+                title: title.to_string(),
+                content: content.to_string(),
+                author_name: author.to_string(),
+                version: 1,
+                deleted: false,
+            },
+        );
+        assert!(fresh.is_none(), "post {} created twice", ack.post_id);
+        self.order.push(ack.post_id.clone());
+        self.last_seq = self.last_seq.max(ack.seq);
+    }
+
+    /// Records an acked update with the body that was sent.
+    ///
+    /// # Panics
+    /// When the post is unknown or the ack's version is not the next one.
+    pub fn record_update(&mut self, ack: &Ack, body: &Value) {
+        let post = self.posts.get_mut(&ack.post_id).expect("known post");
+        assert_eq!(ack.version, post.version + 1, "{ack:?}");
+        post.version = ack.version;
+        if let Some(t) = body["title"].as_str() {
+            post.title = t.to_string();
+        }
+        if let Some(c) = body["content"].as_str() {
+            post.content = c.to_string();
+        }
+        if let Some(a) = body["author_name"].as_str() {
+            post.author_name = a.to_string();
+        }
+        self.last_seq = self.last_seq.max(ack.seq);
+    }
+
+    /// Records an acked delete.
+    ///
+    /// # Panics
+    /// When the post is unknown or the ack's version is not the next one.
+    pub fn record_delete(&mut self, ack: &Ack) {
+        let post = self.posts.get_mut(&ack.post_id).expect("known post");
+        assert_eq!(ack.version, post.version + 1, "{ack:?}");
+        post.version = ack.version;
+        post.deleted = true;
+        self.last_seq = self.last_seq.max(ack.seq);
+    }
+
+    /// Creates a post through `command` and records it.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn create(
+        &mut self,
+        http: &reqwest::Client,
+        command: &str,
+        title: &str,
+        content: &str,
+        author: &str,
+    ) -> anyhow::Result<Ack> {
+        let ack = create_post(http, command, title, content, author).await?;
+        self.record_create(&ack, title, content, author);
+        Ok(ack)
+    }
+
+    /// Creates `n` posts through `command`, `CONCURRENCY` at a time; `make(i)`
+    /// gives post `i`'s (title, content, author).
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn create_many(
+        &mut self,
+        http: &reqwest::Client,
+        command: &str,
+        n: usize,
+        make: impl Fn(usize) -> (String, String, String),
+    ) -> anyhow::Result<Vec<Ack>> {
+        /// Requests in flight at once: enough to overlap fsyncs, few enough
+        /// for a 2-core machine running other tests.
+        const CONCURRENCY: usize = 8;
+        let mut acks = Vec::with_capacity(n);
+        let bodies: Vec<(String, String, String)> = (0..n).map(make).collect();
+        for chunk in bodies.chunks(CONCURRENCY) {
+            let replies = futures::future::join_all(
+                chunk
+                    .iter()
+                    .map(|(t, c, a)| create_post(http, command, t, c, a)),
+            )
+            .await;
+            for ((t, c, a), ack) in chunk.iter().zip(replies) {
+                let ack = ack?;
+                self.record_create(&ack, t, c, a);
+                acks.push(ack);
+            }
+        }
+        Ok(acks)
+    }
+
+    /// Updates a post through `command` and records it.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn update(
+        &mut self,
+        http: &reqwest::Client,
+        command: &str,
+        post_id: &str,
+        body: &Value,
+    ) -> anyhow::Result<Ack> {
+        let ack = update_post(http, command, post_id, body).await?;
+        self.record_update(&ack, body);
+        Ok(ack)
+    }
+
+    /// Deletes a post through `command` and records it.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn delete(
+        &mut self,
+        http: &reqwest::Client,
+        command: &str,
+        post_id: &str,
+    ) -> anyhow::Result<Ack> {
+        let ack = delete_post(http, command, post_id).await?;
+        self.record_delete(&ack);
+        Ok(ack)
+    }
+
+    /// Ids of the posts that are not deleted.
+    #[must_use]
+    pub fn live_ids(&self) -> std::collections::BTreeSet<String> {
+        self.posts
+            .iter()
+            .filter(|(_, p)| !p.deleted)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Asserts that `GET {base}/posts/{id}?include_deleted=true` shows every
+    /// written post exactly as expected (version included: an event applied
+    /// twice or skipped shows there).
+    ///
+    /// # Errors
+    /// Transport errors.
+    ///
+    /// # Panics
+    /// When a post differs.
+    pub async fn assert_served(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+        for (id, want) in &self.posts {
+            let reply = Reply::of(
+                http.get(format!("{base}/posts/{id}"))
+                    .query(&[("include_deleted", "true")]),
+            )
+            .await?;
+            assert_eq!(reply.status, 200, "post {id}: {reply:?}");
+            let d = &reply.json()["data"];
+            let got = ExpectedPost {
+                title: d["title"].as_str().unwrap_or_default().to_string(),
+                content: d["content"].as_str().unwrap_or_default().to_string(),
+                author_name: d["author_name"].as_str().unwrap_or_default().to_string(),
+                version: d["version"].as_u64().unwrap_or_default(),
+                deleted: d["deleted"].as_bool().unwrap_or_default(),
+            };
+            assert_eq!(&got, want, "post {id} as served by {base}");
+        }
+        Ok(())
+    }
+}
+
+/// Every page of `GET {base}/posts` (with `extra` query pairs) at `limit`,
+/// following `next_cursor`, read at `min_seq`. Asserts the page shapes: full
+/// pages until the last, and no cursor after the last.
+///
+/// # Errors
+/// Transport errors.
+///
+/// # Panics
+/// When a page is not a 200 or has the wrong shape.
+pub async fn list_all(
+    http: &reqwest::Client,
+    base: &str,
+    extra: &[(&str, &str)],
+    limit: usize,
+    min_seq: u64,
+) -> anyhow::Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut req = http.get(format!("{base}/posts")).query(extra).query(&[
+            ("limit", limit.to_string()),
+            ("min_seq", min_seq.to_string()),
+        ]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let reply = Reply::of(req).await?;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let v = reply.json();
+        let page = v["data"].as_array().expect("data array").clone();
+        assert!(page.len() <= limit, "page over limit: {v}");
+        cursor = v["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_some() {
+            assert_eq!(page.len(), limit, "a page before the last is full: {v}");
+        } else {
+            assert!(v["next_cursor"].is_null(), "{v}");
+        }
+        rows.extend(page);
+        if cursor.is_none() {
+            return Ok(rows);
+        }
+        assert!(rows.len() <= 100_000, "cursor never ends");
+    }
+}
+
+/// Every page of `GET {base}/posts/search?q=..` (with `extra` query pairs)
+/// at `limit`, following `next_cursor`; returns the hits and the `total`
+/// every page reported (asserted equal on all pages and to the hit count).
+///
+/// # Errors
+/// Transport errors.
+///
+/// # Panics
+/// When a page is not a 200 or has the wrong shape.
+pub async fn search_all(
+    http: &reqwest::Client,
+    base: &str,
+    q: &str,
+    extra: &[(&str, &str)],
+    limit: usize,
+    min_seq: u64,
+) -> anyhow::Result<(Vec<Value>, u64)> {
+    let mut hits = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut total = None;
+    loop {
+        let mut req = http
+            .get(format!("{base}/posts/search"))
+            .query(&[("q", q)])
+            .query(extra)
+            .query(&[
+                ("limit", limit.to_string()),
+                ("min_seq", min_seq.to_string()),
+            ]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let reply = Reply::of(req).await?;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let v = reply.json();
+        let page = v["data"].as_array().expect("data array").clone();
+        let page_total = v["total"].as_u64().expect("total");
+        assert!(
+            total.is_none_or(|t| t == page_total),
+            "total moved while paging: {v}"
+        );
+        total = Some(page_total);
+        assert!(page.len() <= limit, "page over limit: {v}");
+        cursor = v["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_some() {
+            assert_eq!(page.len(), limit, "a page before the last is full: {v}");
+        } else {
+            assert!(v["next_cursor"].is_null(), "{v}");
+        }
+        hits.extend(page);
+        if cursor.is_none() {
+            let total = total.unwrap_or_default();
+            assert_eq!(
+                u64::try_from(hits.len())?,
+                total,
+                "pages hold exactly total hits"
+            );
+            return Ok((hits, total));
+        }
+        assert!(hits.len() <= 100_000, "cursor never ends");
+    }
+}
+
+/// The `post_id`s of listing rows or search hits, in order.
+#[must_use]
+pub fn ids_of(rows: &[Value]) -> Vec<String> {
+    rows.iter()
+        .map(|r| r["post_id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}

@@ -4,3 +4,7 @@
 
 #[path = "e2e/command.rs"]
 mod command;
+#[path = "e2e/query.rs"]
+mod query;
+#[path = "e2e/replay.rs"]
+mod replay;

@@ -257,6 +257,14 @@ fn execute_problem(e: ExecuteError<Rejection>, post_id: &str) -> Problem {
             tracing::warn!(post_id, error = %why, "event store unavailable");
             Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
         }
+        ExecuteError::Append(AppendError::OutcomeUnknown(why)) => {
+            tracing::warn!(post_id, error = %why, "append outcome unknown");
+            Problem::unavailable(
+                "the event store did not confirm the write, which may or may not be stored; \
+                 retry with the same Idempotency-Key (create) or If-Match (update) to stay exactly-once",
+                RETRY_AFTER_SECS,
+            )
+        }
         ExecuteError::Append(AppendError::Rejected(why)) => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "rejected-by-store",

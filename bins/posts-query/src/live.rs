@@ -175,6 +175,28 @@ impl AppState {
     }
 }
 
+/// A writer for the live store of `name`, for when a swap failed midway.
+async fn reopen_live(state: &AppState, name: &str) -> anyhow::Result<Box<dyn Projection>> {
+    match name {
+        // The readers hold the live redb file open; a second open would fail.
+        POST_VIEW => Ok(Box::new(view::writer_for(&state.view())?)),
+        _ => {
+            let path = rebuild::live_path(&state.inner.data_dir, name);
+            let n = name.to_string();
+            let (p, reader) =
+                tokio::task::spawn_blocking(move || rebuild::open(&n, &path, false)).await??;
+            if let Reader::Search(r) = reader {
+                *state
+                    .inner
+                    .search
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))? = r;
+            }
+            Ok(p)
+        }
+    }
+}
+
 /// Admin routes of the replay protocol (see ARCHITECTURE.md, "Replay").
 pub(crate) fn admin_routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -227,14 +249,28 @@ fn internal(e: impl std::fmt::Display) -> Problem {
     Problem::internal(&e)
 }
 
-/// Takes a rebuilt shadow store: pauses this projection's runner (reads go on
-/// from the old store), aligns old and new on one checkpoint, optionally
-/// compares digests, installs the shadow atomically, swaps the readers, and
-/// resumes following from the new store.
+/// Runs the swap as a task of its own: hyper drops a handler's future when
+/// the client's connection closes (a replay killed or timed out mid-swap),
+/// and a swap cut off between stopping the live runner and restarting it
+/// would leave the projection stopped for good.
 async fn swap(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
     Json(req): Json<SwapRequest>,
+) -> Result<Json<SwapResponse>, Problem> {
+    tokio::spawn(swap_to_completion(state, name, req))
+        .await
+        .map_err(internal)?
+}
+
+/// Takes a rebuilt shadow store: pauses this projection's runner (reads go on
+/// from the old store), aligns old and new on one checkpoint, optionally
+/// compares digests, installs the shadow atomically, swaps the readers, and
+/// resumes following from the new store.
+async fn swap_to_completion(
+    state: AppState,
+    name: String,
+    req: SwapRequest,
 ) -> Result<Json<SwapResponse>, Problem> {
     known(&name)?;
     let data_dir = state.inner.data_dir.clone();
@@ -293,7 +329,14 @@ async fn swap(
     };
     let (live, new_p) = match rebuild::align(live, new_p, &store).await {
         Ok(v) => v,
-        Err(e) => return Err(internal(e)),
+        Err(e) => {
+            // Both stores went down with the failed runner: reopen the live
+            // one so the projection keeps following.
+            if let Ok(p) = reopen_live(&state, &name).await {
+                restart(p, &mut runners);
+            }
+            return Err(internal(e));
+        }
     };
     let checkpoint = new_p.checkpoint();
     let (mut live_digest, mut rebuilt_digest) = (None, None);
@@ -367,7 +410,16 @@ async fn swap(
                     restart(p, &mut runners);
                     return Err(internal(e));
                 }
-                (_, Err(e)) => Err(e),
+                (_, Err(e)) => {
+                    tracing::error!(
+                        projection = name,
+                        error = format!("{e:#}"),
+                        "cannot reopen the live index"
+                    );
+                    status.set_state(projection::ProjectionState::Halted);
+                    status.set_error(Some(format!("cannot reopen the live index: {e:#}")));
+                    Err(e)
+                }
             }
         }
     };

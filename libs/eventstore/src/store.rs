@@ -1,5 +1,6 @@
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind};
 use time::OffsetDateTime;
 
 use crate::envelope::{EncodedEvent, Metadata, RecordedEvent, headers_for};
@@ -18,8 +19,13 @@ pub enum AppendError {
     /// Another writer appended to the aggregate since `expected` was read.
     #[error("aggregate {aggregate_id} moved past sequence {expected}")]
     Conflict { aggregate_id: String, expected: u64 },
+    /// Nothing was sent: the event is certainly not stored.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// Sent, but no ack came back even after retries with the same
+    /// `Nats-Msg-Id`: the event may or may not be stored.
+    #[error("no ack for the event (outcome unknown): {0}")]
+    OutcomeUnknown(String),
     #[error("event rejected by the server: {0}")]
     Rejected(String),
 }
@@ -179,6 +185,18 @@ impl EventStore {
                 Ok(ack) => return Ok(ack.sequence),
                 Err(e) => match e.kind() {
                     PublishErrorKind::WrongLastSequence => {
+                        // The server checks the expected sequence before the
+                        // duplicate window, so a retry whose first attempt was
+                        // stored (ack lost) is refused as a conflict instead of
+                        // acked as a duplicate. Ours, if stored, is the subject's
+                        // first event after the one we expected.
+                        if attempt > 0
+                            && let Some(seq) = self
+                                .stored_by_us(&subject, expected_last_subject_seq, &event_id)
+                                .await?
+                        {
+                            return Ok(seq);
+                        }
                         return Err(AppendError::Conflict {
                             aggregate_id: aggregate_id.to_string(),
                             expected: expected_last_subject_seq,
@@ -190,7 +208,7 @@ impl EventStore {
                         attempt += 1;
                     }
                     PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-                        return Err(AppendError::Unavailable(e.to_string()));
+                        return Err(AppendError::OutcomeUnknown(e.to_string()));
                     }
                     PublishErrorKind::StreamNotFound => {
                         return Err(AppendError::Unavailable(e.to_string()));
@@ -201,6 +219,29 @@ impl EventStore {
                     _ => return Err(AppendError::Unavailable(e.to_string())),
                 },
             }
+        }
+    }
+
+    /// The sequence of the event `event_id` if it is the first event on
+    /// `subject` after `after_seq`: where an append expecting `after_seq` lands.
+    /// Asked of the stream leader (it just refused the retry), not of a replica
+    /// that may lag.
+    async fn stored_by_us(
+        &self,
+        subject: &str,
+        after_seq: u64,
+        event_id: &str,
+    ) -> Result<Option<u64>, AppendError> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(subject, after_seq + 1)
+            .await
+        {
+            Ok(msg) => Ok((msg.headers.get(crate::HEADER_MSG_ID).map(|v| v.as_str())
+                == Some(event_id))
+            .then_some(msg.sequence)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(AppendError::OutcomeUnknown(e.to_string())),
         }
     }
 

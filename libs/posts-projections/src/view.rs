@@ -91,6 +91,19 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
     ))
 }
 
+/// A writer on the store a reader already has open (redb allows one open
+/// handle per file and process).
+///
+/// # Errors
+/// When the store cannot be read.
+pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
+    Ok(ViewProjection {
+        db: reader.db.clone(),
+        checkpoint: reader.checkpoint()?,
+        parked_total: reader.parked_total()?,
+    })
+}
+
 /// The writer side: applies batches.
 pub struct ViewProjection {
     db: Arc<Database>,
