@@ -210,6 +210,9 @@ impl EventStore {
                     PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
                         return Err(AppendError::OutcomeUnknown(e.to_string()));
                     }
+                    // After a timed-out attempt, any failure leaves the
+                    // first attempt's fate unknown.
+                    _ if attempt > 0 => return Err(AppendError::OutcomeUnknown(e.to_string())),
                     PublishErrorKind::StreamNotFound => {
                         return Err(AppendError::Unavailable(e.to_string()));
                     }

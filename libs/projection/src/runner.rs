@@ -19,6 +19,11 @@ const IDLE_FLUSH: Duration = Duration::from_millis(20);
 /// How often the consumer's idle heartbeat is expected; missing ones make the
 /// ordered consumer recreate itself.
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
+/// A follower handed nothing for this long while the stream holds events past
+/// its position is presumed lost and recreated: a restarted nats-server
+/// forgets ephemeral consumers, and the client library notices only after
+/// ~15 s (five consumer-info retries on reconnect).
+const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -321,9 +326,14 @@ async fn fetch(
     let mut next = from;
     let mut backoff = BACKOFF_MIN;
     loop {
+        let before = next;
         match fetch_once(&store, &mut next, &tx, &options).await {
             Ok(()) => return, // receiver gone: we are being stopped
             Err(e) => {
+                if next > before {
+                    // It delivered before failing: a fresh fault, not a streak.
+                    backoff = BACKOFF_MIN;
+                }
                 tracing::warn!(
                     projection = name,
                     from = next,
@@ -374,6 +384,19 @@ async fn fetch_once(
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     let prefix = store.subject_prefix().to_string();
     loop {
+        let first = loop {
+            match tokio::time::timeout(STALL_TIMEOUT, messages.next()).await {
+                Ok(first) => break first,
+                Err(_quiet) => {
+                    let wanted = options.stop_at.is_none_or(|stop| *next <= stop);
+                    if wanted && store.last_seq().await.is_ok_and(|head| head >= *next) {
+                        return Err(format!(
+                            "nothing delivered for {STALL_TIMEOUT:?} while the stream has sequence {next}; the consumer is presumed lost"
+                        ));
+                    }
+                }
+            }
+        };
         let mut items = Vec::new();
         let mut pending_after = 0;
         let mut push = |msg: async_nats::jetstream::Message,
@@ -389,7 +412,7 @@ async fn fetch_once(
             }
             Ok(())
         };
-        match messages.next().await {
+        match first {
             Some(Ok(msg)) => push(msg, &mut items)?,
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("consumer closed".into()),

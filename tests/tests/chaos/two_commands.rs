@@ -1,0 +1,128 @@
+//! Scenario 6: two command-service processes on one nats-server take
+//! concurrent pinned and unpinned updates of the same few posts. Versions
+//! stay contiguous, every 200 names a version no other 200 of that post
+//! names, and every acknowledged value is in the history at its version.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use anyhow::ensure;
+use e2e_tests::{StreamReader, http_client_with_timeout, start_nats};
+
+use crate::checks::{Mirror, verify};
+use crate::support::{COMMAND_TIMEOUT, Ctx, Summary, spawn_command};
+use crate::workload::{LoadConfig, Mix, Oracle, Outcome, Writers, choose, send_recorded, snapshot};
+
+/// Posts every task updates.
+const POSTS: u64 = 5;
+/// Tasks; each alternates between the two instances, command by command.
+const WRITERS: usize = 8;
+/// How long the tasks write, per round.
+const WRITE_FOR: Duration = Duration::from_secs(3);
+/// Pause between two commands of one task, in ms: close enough to collide.
+const PACE_MS: (u64, u64) = (15, 60);
+
+pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
+    let mut rng = ctx.rng();
+    let nats = start_nats().await?;
+    let url = nats.url();
+    let a = spawn_command(&url, 1, 1).await?;
+    let b = spawn_command(&url, 1, 1).await?;
+    let cfg = LoadConfig {
+        command_urls: vec![a.base_url.clone(), b.base_url.clone()],
+        authors: LoadConfig::default_authors(),
+        mix: Mix::UPDATES,
+        pace_ms: PACE_MS,
+        tag: "tc".into(),
+        http: http_client_with_timeout(COMMAND_TIMEOUT),
+    };
+    let oracle = Oracle::shared();
+    let creates = LoadConfig {
+        mix: Mix {
+            create: 1,
+            pinned_update: 0,
+            unpinned_update: 0,
+            delete: 0,
+        },
+        ..cfg.clone()
+    };
+    for i in 0..POSTS {
+        let plan = choose(&mut rng, &crate::workload::lock(&oracle), &creates, i);
+        let outcome = send_recorded(
+            &creates,
+            &oracle,
+            &a.base_url,
+            &plan,
+            &format!("tc-create-{i}"),
+        )
+        .await;
+        ensure!(
+            matches!(outcome, Outcome::Acked { .. }),
+            "create {i}: {outcome:?}"
+        );
+    }
+
+    let writers = Writers::start(&cfg, &oracle, WRITERS, &mut rng);
+    tokio::time::sleep(WRITE_FOR * u32::try_from(ctx.rounds).unwrap_or(u32::MAX)).await;
+    writers.stop().await?;
+
+    let o = snapshot(&oracle);
+    let mut summary = Summary::default();
+    // Every 200 names a version of its post that no other 200 names.
+    let mut versions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for ack in &o.acked {
+        versions
+            .entry(ack.post_id.as_str())
+            .or_default()
+            .push(ack.version);
+    }
+    let mut repeated = 0;
+    for (post, vs) in &versions {
+        let distinct: HashSet<u64> = vs.iter().copied().collect();
+        repeated += (vs.len() - distinct.len()) as u64;
+        // No unknown outcomes here: the acked versions are exactly 1..=n.
+        let n = vs.len() as u64;
+        ensure!(
+            distinct == (1..=n).collect(),
+            "post {post}: acknowledged versions {vs:?} are not 1..={n}"
+        );
+    }
+    // ... and the stream agrees: events on each subject, counted, equal the
+    // last acknowledged version, each acknowledged command at its version
+    // with exactly the values it sent.
+    let mut mirror = Mirror::new(StreamReader::connect(&url).await?);
+    let verdict = verify(
+        &cfg.http,
+        &mut mirror,
+        &o,
+        None,
+        &cfg.authors,
+        &HashSet::new(),
+    )
+    .await?;
+    for (post, vs) in &versions {
+        let want = vs.iter().copied().max().unwrap_or(0);
+        let got = verdict.expected.get(*post).map_or(0, |e| e.version);
+        ensure!(
+            got == want,
+            "post {post}: {got} events on its subject, last acknowledged version {want}"
+        );
+    }
+    summary.events_written = o.stats.acked;
+    summary.events_lost = verdict.lost;
+    summary.duplicate_effects = verdict.duplicates + repeated;
+    summary.note("commands", o.stats.sent);
+    summary.note("412s", o.stats.precondition_failed);
+    summary.note("409s", o.stats.conflicts);
+    summary.note("stream_events", mirror.messages.len());
+    summary.print(&ctx);
+    verdict.ensure_clean("with two command instances")?;
+    summary.ensure_nothing_lost()?;
+    o.ensure_clean_answers(false)?;
+    ensure!(
+        o.stats.acked > POSTS,
+        "no update was acknowledged ({} commands)",
+        o.stats.sent
+    );
+    Ok(())
+}
