@@ -58,7 +58,7 @@ async fn method_not_allowed() -> Problem {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let store = state.repo.store();
+    let store = state.repo().store();
     if !store.is_connected() {
         return Problem::unavailable("not connected to NATS", RETRY_AFTER_SECS).into_response();
     }
@@ -347,7 +347,7 @@ async fn create(
                 body_sha256: body_sha256(&body),
             };
             let want = candidate.body_sha256.clone();
-            match idempotency::reserve(&state.idempotency, &idempotency::key_for(key), candidate)
+            match idempotency::reserve(state.idempotency(), &idempotency::key_for(key), candidate)
                 .await
             {
                 Ok(Reserve::Fresh(id)) => (id, true),
@@ -370,7 +370,7 @@ async fn create(
         }
     };
     let executed = state
-        .repo
+        .repo()
         .execute(
             &post_id,
             !replay_allowed,
@@ -463,7 +463,7 @@ async fn run_command(
     name: &'static str,
 ) -> Result<Response, Problem> {
     let executed = state
-        .repo
+        .repo()
         .execute(
             post_id,
             false,

@@ -1,5 +1,10 @@
 use clap::Parser;
 
+/// glibc malloc spent ~40% of the command path's CPU (perf); mimalloc's
+/// thread-local free lists cut that for these allocation-heavy request paths.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
