@@ -4,7 +4,7 @@
 //! stay as text-less tombstones so the projection can tell "deleted" from
 //! "never existed" exactly as `post-view` does, and are never returned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,12 @@ pub const QUERY_BYTES_MAX: usize = 512;
 /// Most terms and phrases in one query: more is a 400, not a slow search.
 pub const QUERY_TERMS_MAX: usize = 16;
 /// Commit at most this often while catching up; when idle the runner flushes
-/// at once, so live visibility does not wait for it.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
+/// at once, so live visibility does not wait for it. Fewer commits mean
+/// fewer small segments to merge.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(2000);
+/// Ids remembered when the index started empty (see `SearchProjection::known`);
+/// past this, about 150 MB, fall back to index lookups.
+const KNOWN_IDS_MAX: usize = 2_000_000;
 /// Indexing heap for live following: small, the memory target is 512 MB.
 pub const WRITER_HEAP_LIVE_BYTES: usize = 64 * 1024 * 1024;
 /// Indexing heap for a replay: bigger segments, fewer merges.
@@ -128,6 +132,8 @@ pub fn open(
             parked_total: payload.parked_total,
             parked_recent: payload.parked_recent,
             pending: HashMap::new(),
+            known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
+                .then(HashSet::new),
             last_commit: Instant::now(),
         },
         search_reader,
@@ -146,6 +152,11 @@ pub struct SearchProjection {
     parked_recent: Vec<Parked>,
     /// Documents changed since the last commit (invisible to the searcher).
     pending: HashMap<String, Doc>,
+    /// When the index was opened empty (a catch-up from scratch, a replay),
+    /// every post it holds went through this process. An id not in here
+    /// does not exist, so a create needs neither an index lookup nor a delete
+    /// term. `None` once that knowledge is lost (recover, cap).
+    known: Option<HashSet<String>>,
     last_commit: Instant,
 }
 
@@ -153,6 +164,9 @@ impl SearchProjection {
     fn current(&self, id: &str) -> Result<Option<Doc>, ProjectionError> {
         if let Some(d) = self.pending.get(id) {
             return Ok(Some(d.clone()));
+        }
+        if self.known.as_ref().is_some_and(|k| !k.contains(id)) {
+            return Ok(None);
         }
         self.reader.get(id).map_err(ProjectionError::new)
     }
@@ -164,7 +178,9 @@ impl SearchProjection {
         };
         let id = env.aggregate_id.clone();
         let at = micros(env.occurred_at);
-        let doc = match (self.current(&id)?, event) {
+        let current = self.current(&id)?;
+        let existed = current.is_some();
+        let doc = match (current, event) {
             (
                 None,
                 Event::Created {
@@ -222,11 +238,20 @@ impl SearchProjection {
             }
         };
         let f = self.reader.fields;
-        self.writer
-            .delete_term(Term::from_field_text(f.post_id, &id));
+        if existed {
+            self.writer
+                .delete_term(Term::from_field_text(f.post_id, &id));
+        }
         self.writer
             .add_document(to_tantivy(&doc, f))
             .map_err(ProjectionError::new)?;
+        if let Some(known) = &mut self.known {
+            if known.len() < KNOWN_IDS_MAX {
+                known.insert(id.clone());
+            } else {
+                self.known = None;
+            }
+        }
         self.pending.insert(id, doc);
         Ok(Ok(()))
     }
@@ -341,6 +366,8 @@ impl Projection for SearchProjection {
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
         self.writer.rollback().map_err(ProjectionError::new)?;
+        // Rolled-back ids may be in `known`: stop trusting it.
+        self.known = None;
         let payload: CommitPayload = self
             .reader
             .index
