@@ -304,13 +304,16 @@ async fn recover(
     Some(p)
 }
 
-fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
+/// Takes the message apart instead of cloning its header map (a hash map
+/// per event showed up in replay profiles).
+fn to_incoming(msg: async_nats::Message, seq: u64, prefix: &str) -> Incoming {
+    let envelope = RecordedEvent::from_message(&msg, seq, prefix);
     Incoming {
         seq,
         subject: msg.subject.to_string(),
-        headers: msg.headers.clone(),
-        payload: msg.payload.clone(),
-        envelope: RecordedEvent::from_message(msg, seq, prefix),
+        headers: msg.headers,
+        payload: msg.payload,
+        envelope,
     }
 }
 
@@ -402,12 +405,14 @@ async fn fetch_once(
         let mut push = |msg: async_nats::jetstream::Message,
                         items: &mut Vec<Incoming>|
          -> Result<(), String> {
-            let info = msg.info().map_err(|e| e.to_string())?;
-            let seq = info.stream_sequence;
-            pending_after = info.pending;
+            let (seq, pending) = {
+                let info = msg.info().map_err(|e| e.to_string())?;
+                (info.stream_sequence, info.pending)
+            };
+            pending_after = pending;
             // A recreated consumer may resend: keep strict stream order.
             if seq >= *next && options.stop_at.is_none_or(|stop| seq <= stop) {
-                items.push(to_incoming(&msg.message, seq, &prefix));
+                items.push(to_incoming(msg.message, seq, &prefix));
                 *next = seq + 1;
             }
             Ok(())
