@@ -1,1 +1,372 @@
-fn main() {}
+//! `bench`: what users care about, each figure next to the raw ceiling
+//! measured by this binary, in the same run, on the same nats-server.
+//!
+//! It starts its own nats-servers (testkit) and the release service binaries
+//! next to it (`target/release/`), prints a table with every ratio and writes
+//! `target/bench/report.json`. Targets are printed as pass/miss, never
+//! asserted.
+//!
+//! ```text
+//! cargo build --release --bins
+//! cargo run --release --bin bench -- --quick     # smoke run, about a minute
+//! cargo run --release --bin bench                # 200k-event backlog
+//! cargo run --release --bin bench -- --full      # 1M-event backlog
+//! ```
+
+mod corpus;
+mod load;
+mod procfs;
+mod read;
+mod replay;
+mod report;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+use testkit::{NatsServer, ServiceProcess};
+
+use crate::corpus::{CreatePool, Vocabulary};
+use crate::report::{Header, Report};
+
+/// Longest any single HTTP request may take before it counts as an error.
+const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle keep-alive connections kept per host: above the largest in-flight count.
+const HTTP_POOL_IDLE_MAX: usize = 256;
+/// Catch-up and replay get this long plus [`DEADLINE_SECS_PER_KEVENT`] per
+/// thousand events before they count as failed.
+const DEADLINE_BASE: Duration = Duration::from_secs(120);
+const DEADLINE_SECS_PER_KEVENT: u64 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmarks the posts platform against raw JetStream ceilings"
+)]
+struct Args {
+    /// 1M-event backlog and longer runs.
+    #[arg(long, conflicts_with = "quick")]
+    full: bool,
+    /// Tiny sizes for a smoke run of the harness itself (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Backlog size override, in events (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    events: Option<u64>,
+    /// Where to write the JSON report (default: <target>/bench/report.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// How big each phase is.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub mode: &'static str,
+    pub events: u64,
+    pub posts: u64,
+    /// Throughput runs alternate raw and HTTP this many times.
+    pub throughput_rounds: u32,
+    /// Warm-up before each throughput slice (connections, caches), not counted.
+    pub throughput_warmup: Duration,
+    /// Measured time per side, split over the rounds.
+    pub throughput_measure: Duration,
+    pub latency_warmup: u64,
+    pub latency_samples: u64,
+    pub visibility_samples: usize,
+    pub search_warmup: u64,
+    pub search_samples: u64,
+}
+
+impl Sizes {
+    fn from_args(args: &Args) -> Self {
+        let mut sizes = if args.quick {
+            Self {
+                mode: "quick",
+                events: 5_000,
+                posts: 2_000,
+                throughput_rounds: 2,
+                throughput_warmup: Duration::from_millis(300),
+                throughput_measure: Duration::from_secs(2),
+                latency_warmup: 20,
+                latency_samples: 200,
+                visibility_samples: 200,
+                search_warmup: 20,
+                search_samples: 200,
+            }
+        } else if args.full {
+            Self {
+                mode: "full",
+                events: 1_000_000,
+                posts: 100_000,
+                throughput_rounds: 6,
+                throughput_warmup: Duration::from_millis(500),
+                throughput_measure: Duration::from_secs(15),
+                latency_warmup: 300,
+                latency_samples: 5_000,
+                visibility_samples: 1_000,
+                search_warmup: 200,
+                search_samples: 5_000,
+            }
+        } else {
+            Self {
+                mode: "default",
+                events: 200_000,
+                posts: 100_000,
+                throughput_rounds: 4,
+                throughput_warmup: Duration::from_millis(500),
+                throughput_measure: Duration::from_secs(10),
+                latency_warmup: 300,
+                latency_samples: 3_000,
+                visibility_samples: 500,
+                search_warmup: 200,
+                search_samples: 2_000,
+            }
+        };
+        if let Some(n) = args.events {
+            sizes.events = n;
+            sizes.posts = sizes.posts.min(n);
+        }
+        sizes
+    }
+
+    fn throughput_slice(&self) -> Duration {
+        self.throughput_measure / self.throughput_rounds.max(1)
+    }
+
+    fn catch_up_deadline(&self) -> Duration {
+        DEADLINE_BASE + Duration::from_secs(self.events / 1000 * DEADLINE_SECS_PER_KEVENT)
+    }
+}
+
+/// The HTTP client every phase uses: reqwest, HTTP/1.1 keep-alive pool, no TLS.
+///
+/// # Errors
+/// When the client cannot be built.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(HTTP_POOL_IDLE_MAX)
+        .timeout(HTTP_REQUEST_TIMEOUT)
+        .build()?)
+}
+
+/// Starts `posts-command` on a free port and waits until it listens (it
+/// connects to NATS before binding, so listening means ready).
+///
+/// # Errors
+/// When it cannot be started.
+pub fn spawn_command(nats_url: &str) -> anyhow::Result<(ServiceProcess, String)> {
+    let port = testkit::free_port();
+    let process = ServiceProcess::spawn(
+        "posts-command",
+        &[
+            "--nats-url".into(),
+            nats_url.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--replicas".into(),
+            "1".into(),
+        ],
+        &[],
+        port,
+    )?;
+    Ok((process, format!("http://127.0.0.1:{port}")))
+}
+
+/// The pid of a testkit nats-server, found by its config path on the command line.
+#[must_use]
+pub fn nats_pid(nats: &NatsServer) -> Option<u32> {
+    let config = nats.store_dir().parent()?.join("nats.conf");
+    procfs::find_pid_by_arg(&config)
+}
+
+fn nats_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
+}
+
+fn nats_version() -> String {
+    Command::new(nats_bin())
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .map(|v| v.rsplit(' ').next().unwrap_or_default().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// `/proc/loadavg`'s first three fields: how busy the machine was around the run.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `some avg60` of `/proc/pressure/<resource>`: the share of the last minute
+/// in which some task waited for the CPU or for IO (other work on the machine).
+fn pressure_avg60(resource: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+    let some = text.lines().find(|l| l.starts_with("some "))?;
+    some.split_whitespace()
+        .find_map(|f| f.strip_prefix("avg60="))?
+        .parse()
+        .ok()
+}
+
+/// `<target>/bench/report.json`, next to the `release` dir this binary runs from.
+fn default_report_path() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return Path::new(&dir).join("bench").join("report.json");
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join("bench")
+        .join("report.json")
+}
+
+/// testkit's `bin_path` assumes a test binary in `target/<profile>/deps/`;
+/// this one runs from `target/<profile>/` itself, next to the services. Point
+/// testkit there through its `POSTS_BIN_DIR` unless the caller chose a dir.
+fn point_testkit_at_own_dir() {
+    if std::env::var_os("POSTS_BIN_DIR").is_some() {
+        return;
+    }
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    #[allow(
+        unsafe_code,
+        reason = "set_var is unsafe only with other threads running; none exist yet"
+    )]
+    // SAFETY: called first thing in main, before the runtime or any thread starts.
+    unsafe {
+        std::env::set_var("POSTS_BIN_DIR", dir);
+    }
+}
+
+/// Each service binary's path and build time: `cargo run --bin bench` only
+/// rebuilds this binary, so the report says which service builds it measured.
+fn binaries() -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for name in ["posts-command", "posts-query", "replay"] {
+        let path = testkit::bin_path(name);
+        let built = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(|t| eventstore::format_rfc3339(time::OffsetDateTime::from(t)));
+        out.insert(
+            name.to_string(),
+            json!({ "path": path.display().to_string(), "built": built }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+fn check_binaries() -> anyhow::Result<()> {
+    for name in ["posts-command", "posts-query"] {
+        let path = testkit::bin_path(name);
+        anyhow::ensure!(
+            path.exists(),
+            "{} is missing: run `cargo build --release --bins` first",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    point_testkit_at_own_dir();
+    let args = Args::parse();
+    let sizes = Sizes::from_args(&args);
+    check_binaries()?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let version = nats_version();
+    let vocab = Vocabulary::new();
+    let pool = CreatePool::new(&vocab);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    println!(
+        "bench ({} run): nats-server {version}, {cores} cores, backlog {} events over {} posts, create payload {} B (HTTP body {} B)",
+        sizes.mode,
+        sizes.events,
+        sizes.posts,
+        pool.mean_payload_bytes(),
+        pool.mean_body_bytes()
+    );
+
+    let binaries = binaries();
+    println!("service binaries (rebuild with `cargo build --release --bins`): {binaries}");
+    let loadavg_at_start = loadavg();
+    let pressure_at_start = json!({
+        "cpu_some_avg60": pressure_avg60("cpu"),
+        "io_some_avg60": pressure_avg60("io"),
+    });
+    println!(
+        "machine load average (1, 5, 15 min): {loadavg_at_start}; pressure (some, avg60 %): {pressure_at_start}"
+    );
+    let mut report = Report::default();
+    write::run(&rt, &mut report, &sizes, &pool, true)?;
+    write::run(&rt, &mut report, &sizes, &pool, false)?;
+    read::run(&rt, &mut report, &sizes, &vocab, &pool)?;
+
+    let load = format!(
+        "closed loop with fixed concurrency: tokio tasks inside the bench process, on the same {cores} cores as nats-server and the services, \
+         so the generator's CPU competes with what it measures (per-phase CPU of every process is under \"phases\"; generator cost: {costs}); \
+         each task sends its next request when the previous one is answered. \
+         Creates: {in_flight} in flight for throughput, raw and HTTP alternating in {rounds} slices each ({warm:?} warm-up, then {slice:?} measured per slice), \
+         16 in flight for latency; raw publishes use async-nats with the same {in_flight}-wide window, headers and payload size ({payload} B postcard). \
+         Reads: 1 in flight for visibility (create, then GET with min_seq right after the ack), 8 for search \
+         (two distinct words of one live post's final content per query). \
+         Posts are generated text: a 4096-word vocabulary with Zipf-distributed frequencies, 3-8 word titles, 40-100 word contents. \
+         HTTP client: reqwest 0.13 (on hyper 1), HTTP/1.1 keep-alive pool, no TLS. \
+         Read side on a nats-server with the default sync interval: backlog of {events} events over {posts} posts \
+         (creates, then one update per post per round, 1 in 100 posts ending deleted) written by raw publishes with the command service's headers.",
+        costs = report.load_costs.join("; "),
+        in_flight = write::THROUGHPUT_IN_FLIGHT,
+        rounds = sizes.throughput_rounds,
+        warm = sizes.throughput_warmup,
+        slice = sizes.throughput_slice(),
+        payload = pool.mean_payload_bytes(),
+        events = sizes.events,
+        posts = sizes.posts,
+    );
+    let header = Header {
+        nats_server: version,
+        cores,
+        load: load.clone(),
+        run: json!({
+            "mode": sizes.mode,
+            "backlog_events": sizes.events,
+            "backlog_posts": sizes.posts,
+            "create_payload_bytes_mean": pool.mean_payload_bytes(),
+            "create_http_body_bytes_mean": pool.mean_body_bytes(),
+            "http_client": "reqwest 0.13 (hyper 1), HTTP/1.1 keep-alive pool, no TLS",
+            "binaries": binaries,
+            "loadavg_at_start": loadavg_at_start,
+            "loadavg_at_end": loadavg(),
+            "pressure_at_start": pressure_at_start,
+            "pressure_at_end": {
+                "cpu_some_avg60": pressure_avg60("cpu"),
+                "io_some_avg60": pressure_avg60("io"),
+            },
+        }),
+    };
+    let path = args.out.unwrap_or_else(default_report_path);
+    report.write_json(&path, header)?;
+    println!("\n{}", report.table());
+    println!("load: {load}");
+    println!("report written to {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,670 @@
+//! The read side on one nats-server: a backlog written with raw publishes,
+//! the raw ordered drain, `posts-query` catching up from an empty data dir,
+//! search and read-your-writes latency, then the replay tool offline.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::{self, consumer::pull::OrderedConfig};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::Value;
+use testkit::{NatsOptions, NatsServer, ServiceProcess};
+use tokio::runtime::Runtime;
+
+use crate::corpus::{self, CreatePool, Layout, Vocabulary};
+use crate::load::{self, OpFuture, percentile_ms};
+use crate::procfs::{self, CpuWatch};
+use crate::report::{Report, Target};
+use crate::{Sizes, http_client, nats_pid, replay, spawn_command};
+
+/// Publishes in flight while writing the backlog: deep enough to keep the
+/// server busy, far below the client's 5 000 pending-ack limit.
+const BACKLOG_IN_FLIGHT: usize = 1024;
+/// The ordered consumer's pull batch, as `posts-query` follows the stream
+/// (`RunnerOptions::live`), so the raw drain reads the way the service does.
+const DRAIN_PULL_BATCH_MAX: i64 = 2_000;
+/// Idle heartbeat horizon of the drain's pull requests, as the runner's.
+const DRAIN_EXPIRES: Duration = Duration::from_secs(5);
+/// Raw drains run; the best one is the ceiling.
+const DRAIN_RUNS: usize = 2;
+/// How often catch-up progress and memory are looked at (measurement, not
+/// synchronisation).
+const CATCHUP_POLL: Duration = Duration::from_millis(50);
+/// A `/projections` answer slower than this is skipped, not waited for.
+const PROJECTIONS_TIMEOUT: Duration = Duration::from_secs(1);
+/// In flight for search latency.
+const SEARCH_IN_FLIGHT: usize = 8;
+/// Read-your-writes samples discarded while connections warm up.
+const VISIBILITY_WARMUP: usize = 10;
+/// How long the services may take to report ready after a restart.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// A search query's seed: fixed, so every run asks the same questions.
+const QUERY_SEED: u64 = 0x5ea2c4;
+
+const POST_VIEW: &str = "post-view";
+const POST_SEARCH: &str = "post-search";
+
+/// Writes the backlog round by round; returns the stream's last sequence.
+async fn write_backlog(nats_url: &str, vocab: &Vocabulary, layout: Layout) -> anyhow::Result<u64> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client);
+    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    // The stream sequence of each post's last event: its next expected sequence.
+    let mut last_seq = vec![0u64; usize::try_from(layout.posts)?];
+    let mut stream_last = 0;
+    for round in 0..layout.rounds() {
+        let mut in_flight = FuturesUnordered::new();
+        for i in 0..layout.posts_in_round(round) {
+            while in_flight.len() >= BACKLOG_IN_FLIGHT {
+                let (idx, seq) = next_ack(&mut in_flight).await?;
+                last_seq[idx] = seq;
+                stream_last = stream_last.max(seq);
+            }
+            let idx = usize::try_from(i)?;
+            let event = layout.event(vocab, i, round);
+            let (event_type, schema, payload) = posts::encode(&event);
+            let headers = corpus::headers(event_type, schema, last_seq[idx]);
+            // Post ids are UUIDs like the command service's, derived from the index.
+            let subject = format!("posts.{}", post_id(i));
+            let ack = js
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .with_context(|| format!("publish event of post {i} in round {round}"))?;
+            in_flight.push(async move { (idx, ack.await) });
+        }
+        while !in_flight.is_empty() {
+            let (idx, seq) = next_ack(&mut in_flight).await?;
+            last_seq[idx] = seq;
+            stream_last = stream_last.max(seq);
+        }
+    }
+    Ok(stream_last)
+}
+
+type AckResult = (
+    usize,
+    Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+);
+
+async fn next_ack<F>(in_flight: &mut FuturesUnordered<F>) -> anyhow::Result<(usize, u64)>
+where
+    F: std::future::Future<Output = AckResult>,
+{
+    match in_flight.next().await {
+        Some((idx, Ok(ack))) => Ok((idx, ack.sequence)),
+        Some((idx, Err(e))) => bail!("publish of post index {idx} failed: {e}"),
+        None => bail!("no publish in flight"),
+    }
+}
+
+/// A stable UUID-shaped id for backlog post `i`.
+fn post_id(i: u64) -> uuid::Uuid {
+    uuid::Uuid::from_u64_pair(0x0190_0000_0000_7000 | (i >> 48), 0x8000_0000_0000_0000 | i)
+}
+
+/// Reads the whole stream with an ordered consumer, doing nothing with the
+/// messages; returns events per second.
+async fn ordered_drain(nats_url: &str, last_seq: u64) -> anyhow::Result<f64> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream("POSTS").await?;
+    let started = Instant::now();
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            name: None,
+            description: Some("bench raw drain".to_string()),
+            filter_subject: String::new(),
+            filter_subjects: Vec::new(),
+            replay_policy: ReplayPolicy::Instant,
+            rate_limit: 0,
+            sample_frequency: 0,
+            headers_only: false,
+            deliver_policy: DeliverPolicy::All,
+            max_waiting: 0,
+            metadata: HashMap::new(),
+            max_batch: DRAIN_PULL_BATCH_MAX,
+            max_bytes: 0,
+            max_expires: DRAIN_EXPIRES,
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    // No deletes are allowed on the stream: sequences 1..=last_seq are all there.
+    let mut n = 0u64;
+    while n < last_seq {
+        match messages.next().await {
+            Some(Ok(_)) => n += 1,
+            Some(Err(e)) => bail!("ordered consumer failed after {n} messages: {e}"),
+            None => bail!("ordered consumer ended after {n} messages"),
+        }
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "event counts are far below 2^52"
+    )]
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The stream's last sequence, as the server says.
+async fn stream_last_seq(nats_url: &str) -> anyhow::Result<u64> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream("POSTS").await?;
+    Ok(stream.info().await?.state.last_sequence)
+}
+
+/// When each projection reached the target, and memory seen on the way.
+struct CatchUp {
+    per_projection: HashMap<String, Duration>,
+    done: Option<Duration>,
+    rss_peak_kib: Option<u64>,
+    error: Option<String>,
+}
+
+/// Polls `/projections` until both checkpoints reach `target_seq`.
+async fn watch_catch_up(
+    client: &reqwest::Client,
+    query_url: &str,
+    pid: u32,
+    target_seq: u64,
+    started: Instant,
+    deadline: Duration,
+) -> CatchUp {
+    let mut out = CatchUp {
+        per_projection: HashMap::new(),
+        done: None,
+        rss_peak_kib: None,
+        error: None,
+    };
+    let mut rss_sampled_max = 0;
+    let mut ticks = tokio::time::interval(CATCHUP_POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if !procfs::is_running(pid) {
+            out.error = Some("posts-query exited during catch-up".into());
+            break;
+        }
+        rss_sampled_max = rss_sampled_max.max(procfs::status_kib(pid, "VmRSS").unwrap_or(0));
+        let request = client
+            .get(format!("{query_url}/projections"))
+            .timeout(PROJECTIONS_TIMEOUT);
+        // Connection refused while the service starts: just look again.
+        if let Ok(resp) = request.send().await
+            && let Ok(body) = resp.json::<Value>().await
+        {
+            for p in body["data"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap_or_default();
+                let checkpoint = p["checkpoint"].as_u64().unwrap_or(0);
+                if checkpoint >= target_seq && !out.per_projection.contains_key(name) {
+                    out.per_projection
+                        .insert(name.to_string(), started.elapsed());
+                }
+            }
+        }
+        if [POST_VIEW, POST_SEARCH]
+            .iter()
+            .all(|n| out.per_projection.contains_key(*n))
+        {
+            out.done = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() > deadline {
+            out.error = Some(format!("not caught up after {deadline:?}"));
+            break;
+        }
+    }
+    // VmHWM is the true peak; the samples are a floor in case it is unreadable.
+    out.rss_peak_kib =
+        procfs::status_kib(pid, "VmHWM").or((rss_sampled_max > 0).then_some(rss_sampled_max));
+    out
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(resp) = client.get(format!("{url}/readyz")).send().await
+            && resp.status().is_success()
+        {
+            return Ok(());
+        }
+        if started.elapsed() > READY_DEADLINE {
+            bail!("{url}/readyz not 200 after {READY_DEADLINE:?}");
+        }
+        tokio::time::sleep(CATCHUP_POLL).await;
+    }
+}
+
+fn search_op(
+    client: reqwest::Client,
+    query_url: &str,
+    queries: Arc<Vec<String>>,
+    hits: Arc<AtomicU64>,
+) -> impl Fn(u64) -> OpFuture + Send + Sync + 'static {
+    let base = format!("{query_url}/posts/search?q=");
+    move |n| {
+        let q = &queries[usize::try_from(n).unwrap_or(0) % queries.len()];
+        // Queries are lowercase ASCII words and one space: only the space needs escaping.
+        let request = client.get(format!("{base}{}", q.replace(' ', "%20")));
+        let hits = hits.clone();
+        Box::pin(async move {
+            let response = request.send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response.bytes().await.map_err(|e| e.to_string())?;
+            if status != reqwest::StatusCode::OK {
+                return Err(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ));
+            }
+            let total = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["total"].as_u64())
+                .unwrap_or(0);
+            hits.fetch_add(total, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+}
+
+/// Sequential create, then read with `min_seq` right after the ack; the
+/// latency is from the ack to the 200.
+async fn visibility(
+    client: &reqwest::Client,
+    command_url: &str,
+    query_url: &str,
+    pool: &CreatePool,
+    samples: usize,
+) -> (Vec<Duration>, u64, Option<String>) {
+    let mut latencies = Vec::with_capacity(samples);
+    let mut errors = 0u64;
+    let mut first_error = None;
+    for i in 0..samples + VISIBILITY_WARMUP {
+        let body = pool.bodies[i % pool.bodies.len()].clone();
+        let result: Result<Duration, String> = async {
+            let response = client
+                .post(format!("{command_url}/posts"))
+                .header(CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if response.status() != reqwest::StatusCode::CREATED {
+                return Err(format!("create answered {}", response.status()));
+            }
+            let ack: Value = response.json().await.map_err(|e| e.to_string())?;
+            let acked = Instant::now();
+            let id = ack["post_id"].as_str().ok_or("ack without post_id")?;
+            let seq = ack["seq"].as_u64().ok_or("ack without seq")?;
+            let read = client
+                .get(format!("{query_url}/posts/{id}?min_seq={seq}"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = read.status();
+            let _ = read.bytes().await;
+            if status == reqwest::StatusCode::OK {
+                Ok(acked.elapsed())
+            } else {
+                Err(format!("read with min_seq={seq} answered {status}"))
+            }
+        }
+        .await;
+        if i < VISIBILITY_WARMUP {
+            continue;
+        }
+        match result {
+            Ok(d) => latencies.push(d),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (latencies, errors, first_error)
+}
+
+fn spawn_query(nats_url: &str, data_dir: &Path, port: u16) -> anyhow::Result<ServiceProcess> {
+    ServiceProcess::spawn(
+        "posts-query",
+        &[
+            "--nats-url".into(),
+            nats_url.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--replicas".into(),
+            "1".into(),
+        ],
+        &[],
+        // Catch-up is timed from the spawn: do not wait for the listener here.
+        0,
+    )
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "event counts are far below 2^52"
+)]
+fn per_event_us(cpu_s: f64, events: u64) -> f64 {
+    cpu_s * 1e6 / (events.max(1) as f64)
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "event counts are far below 2^52"
+)]
+fn per_sec(events: u64, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64()
+}
+
+/// Everything on the read side; metrics that cannot be measured are recorded
+/// as null with a note.
+///
+/// # Errors
+/// When the server cannot be started or the backlog cannot be written.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one phase after the other, reads best top to bottom"
+)]
+pub fn run(
+    rt: &Runtime,
+    report: &mut Report,
+    sizes: &Sizes,
+    vocab: &Vocabulary,
+    pool: &CreatePool,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== read side, nats-server with the default sync interval ({} events, {} posts)",
+        sizes.events, sizes.posts
+    );
+    let nats =
+        NatsServer::start_with(&NatsOptions { sync_always: false }).context("start nats-server")?;
+    let url = nats.url();
+    let nats_pid = nats_pid(&nats);
+    let me = Some(std::process::id());
+    let layout = Layout {
+        events: sizes.events,
+        posts: sizes.posts,
+    };
+
+    let watch = CpuWatch::start(&[("bench", me), ("nats-server", nats_pid)]);
+    let last_seq = rt.block_on(write_backlog(&url, vocab, layout))?;
+    let cost = watch.finish("backlog_write");
+    report.add(
+        "backlog_write",
+        Some(per_sec(last_seq, Duration::from_secs_f64(cost.wall_s))),
+        "events/s",
+        None,
+        None,
+        Some(format!(
+            "{last_seq} events ({} posts) by raw publishes, {BACKLOG_IN_FLIGHT} in flight; setup, not a target",
+            sizes.posts
+        )),
+    );
+    report.phase(cost);
+
+    let watch = CpuWatch::start(&[("bench", me), ("nats-server", nats_pid)]);
+    let mut drains = Vec::new();
+    let mut drain_error = None;
+    for _ in 0..DRAIN_RUNS {
+        match rt.block_on(ordered_drain(&url, last_seq)) {
+            Ok(rate) => drains.push(rate),
+            Err(e) => drain_error = Some(format!("{e:#}")),
+        }
+    }
+    report.phase(watch.finish("raw_ordered_drain"));
+    let best = drains.iter().copied().reduce(f64::max);
+    report.add(
+        "raw_ordered_drain",
+        best,
+        "events/s",
+        None,
+        None,
+        Some(format!(
+            "best of {DRAIN_RUNS} runs ({}), pull batch {DRAIN_PULL_BATCH_MAX}{}",
+            drains
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            drain_error.map(|e| format!("; {e}")).unwrap_or_default()
+        )),
+    );
+
+    // posts-query from an empty data dir, timed from its spawn.
+    let data = tempfile::Builder::new().prefix("bench-query").tempdir()?;
+    let query_port = testkit::free_port();
+    let query_url = format!("http://127.0.0.1:{query_port}");
+    let client = http_client()?;
+    let started = Instant::now();
+    let mut query = spawn_query(&url, data.path(), query_port)?;
+    let query_pid = query.pid().context("posts-query has no pid")?;
+    let watch = CpuWatch::start(&[
+        ("bench", me),
+        ("nats-server", nats_pid),
+        ("posts-query", Some(query_pid)),
+    ]);
+    let caught = rt.block_on(watch_catch_up(
+        &client,
+        &query_url,
+        query_pid,
+        last_seq,
+        started,
+        sizes.catch_up_deadline(),
+    ));
+    let cost = watch.finish("projection_catchup");
+    let mut note = format!("{last_seq} events from an empty data dir, timed from process spawn");
+    if let Some(t) = caught.done {
+        note.push_str(&format!("; {}", cost.per_event(per_sec(last_seq, t))));
+    }
+    report.phase(cost);
+    for name in [POST_VIEW, POST_SEARCH] {
+        if let Some(t) = caught.per_projection.get(name) {
+            note.push_str(&format!("; {name} done at {:.1} s", t.as_secs_f64()));
+        }
+    }
+    if let Some(e) = &caught.error {
+        note.push_str(&format!("; {e} (log: {})", query.log_path().display()));
+    }
+    report.add(
+        "projection_catchup",
+        caught.done.map(|t| per_sec(last_seq, t)),
+        "events/s",
+        Some("raw_ordered_drain"),
+        Some(Target::RatioAtLeast(0.5)),
+        Some(note),
+    );
+    #[allow(clippy::cast_precision_loss, reason = "KiB counts are far below 2^52")]
+    let rss_mib = caught.rss_peak_kib.map(|k| k as f64 / 1024.0);
+    report.add(
+        "query_rss_peak_mb",
+        rss_mib,
+        "MiB",
+        None,
+        Some(Target::ValueAtMost(512.0)),
+        Some("VmHWM of posts-query at the end of catch-up".into()),
+    );
+    let caught_up = caught.done.is_some();
+
+    // Search over the caught-up index.
+    let queries = Arc::new(corpus::search_queries(
+        vocab,
+        &layout,
+        usize::try_from(sizes.search_samples + sizes.search_warmup)?,
+        QUERY_SEED,
+    ));
+    let search = if caught_up {
+        rt.block_on(wait_ready(&client, &query_url)).map(|()| {
+            let hits = Arc::new(AtomicU64::new(0));
+            let watch = CpuWatch::start(&[
+                ("bench", me),
+                ("posts-query", Some(query_pid)),
+            ]);
+            let mut outcome = rt.block_on(load::counted(
+                SEARCH_IN_FLIGHT,
+                sizes.search_warmup,
+                sizes.search_samples,
+                search_op(client.clone(), &query_url, queries.clone(), hits.clone()),
+            ));
+            let cost = watch.finish("search_latency");
+            let total = hits.load(Ordering::Relaxed);
+            let n = outcome.ok + sizes.search_warmup;
+            #[allow(clippy::cast_precision_loss, reason = "query counts are far below 2^52")]
+            let cpu = cost.per_op(n as f64, "query");
+            report.phase(cost);
+            let note = format!(
+                "two-word queries over {} posts, {SEARCH_IN_FLIGHT} in flight, {} samples, mean total hits {}; {cpu}{}",
+                sizes.posts,
+                outcome.latencies.len(),
+                total / n.max(1),
+                outcome.error_note().map(|e| format!("; {e}")).unwrap_or_default()
+            );
+            (outcome.percentile_ms(0.50), outcome.percentile_ms(0.99), note)
+        })
+    } else {
+        Err(anyhow::anyhow!("posts-query did not catch up"))
+    };
+    match search {
+        Ok((p50, p99, note)) => {
+            report.add(
+                "search_latency_p50",
+                p50,
+                "ms",
+                None,
+                None,
+                Some(note.clone()),
+            );
+            report.add(
+                "search_latency_p99",
+                p99,
+                "ms",
+                None,
+                Some(Target::ValueAtMost(10.0)),
+                Some(note),
+            );
+        }
+        Err(e) => {
+            let note = Some(format!("{e:#}"));
+            report.add("search_latency_p50", None, "ms", None, None, note.clone());
+            report.add(
+                "search_latency_p99",
+                None,
+                "ms",
+                None,
+                Some(Target::ValueAtMost(10.0)),
+                note,
+            );
+        }
+    }
+
+    // Read-your-writes through both services.
+    let vis = if caught_up {
+        spawn_command(&url).map(|(command, command_url)| {
+            let watch = CpuWatch::start(&[
+                ("bench", me),
+                ("nats-server", nats_pid),
+                ("posts-command", command.pid()),
+                ("posts-query", Some(query_pid)),
+            ]);
+            let (mut lat, errors, first) = rt.block_on(visibility(
+                &client,
+                &command_url,
+                &query_url,
+                pool,
+                sizes.visibility_samples,
+            ));
+            let cost = watch.finish("visibility_latency");
+            #[allow(clippy::cast_precision_loss, reason = "sample counts are far below 2^52")]
+            let cpu = cost.per_op((sizes.visibility_samples + VISIBILITY_WARMUP) as f64, "create+read");
+            report.phase(cost);
+            let mut note = format!(
+                "{} sequential samples, ack to 200 of GET /posts/{{id}}?min_seq; p50 {:.2} ms; {cpu}",
+                lat.len(),
+                percentile_ms(&mut lat, 0.5).unwrap_or(f64::NAN)
+            );
+            if errors > 0 {
+                note.push_str(&format!(
+                    "; {errors} errors, first: {}",
+                    first.unwrap_or_default()
+                ));
+            }
+            (percentile_ms(&mut lat, 0.99), note)
+        })
+    } else {
+        Err(anyhow::anyhow!("posts-query did not catch up"))
+    };
+    match vis {
+        Ok((p99, note)) => report.add(
+            "visibility_latency_p99",
+            p99,
+            "ms",
+            None,
+            Some(Target::ValueAtMost(50.0)),
+            Some(note),
+        ),
+        Err(e) => report.add(
+            "visibility_latency_p99",
+            None,
+            "ms",
+            None,
+            Some(Target::ValueAtMost(50.0)),
+            Some(format!("{e:#}")),
+        ),
+    }
+
+    // Replay runs offline on the data dir the catch-up produced.
+    if let Err(e) = query.terminate(Duration::from_secs(30)) {
+        println!("  posts-query did not stop cleanly: {e:#}");
+    }
+    let replay_seq = rt.block_on(stream_last_seq(&url)).unwrap_or(last_seq);
+    for (metric, projection, target) in [
+        ("replay_post_view", POST_VIEW, 0.5),
+        ("replay_post_search", POST_SEARCH, 0.25),
+    ] {
+        let watch = CpuWatch::start(&[("bench", me), ("nats-server", nats_pid)]);
+        let run = replay::run(projection, &url, data.path(), sizes.catch_up_deadline());
+        let cost = watch.finish(metric);
+        if run.is_ok() {
+            report.phase(cost);
+        }
+        let (value, note) = match run {
+            Ok(r) => (
+                Some(r.events_per_sec),
+                format!(
+                    "{} events in {:.2} s (stream at {replay_seq}); process wall {:.2} s{}{}",
+                    r.events,
+                    r.seconds,
+                    r.wall_s,
+                    r.cpu_s
+                        .map(|c| format!(
+                            ", {c:.1} cpu-s ({:.1} CPU us/event)",
+                            per_event_us(c, r.events)
+                        ))
+                        .unwrap_or_default(),
+                    r.peak_rss_kib
+                        .map(|k| format!(", peak RSS {} MiB", k / 1024))
+                        .unwrap_or_default()
+                ),
+            ),
+            Err(e) => (None, e),
+        };
+        report.add(
+            metric,
+            value,
+            "events/s",
+            Some("raw_ordered_drain"),
+            Some(Target::RatioAtLeast(target)),
+            Some(note),
+        );
+    }
+    drop(nats);
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The write side: raw JetStream publishes against `POST /posts` through
+//! `posts-command`, on one nats-server.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use bytes::Bytes;
+use reqwest::header::CONTENT_TYPE;
+use testkit::{NatsOptions, NatsServer};
+use tokio::runtime::Runtime;
+
+use crate::corpus::{self, CreatePool};
+use crate::load::{self, OpFuture, Outcome};
+use crate::procfs::CpuWatch;
+use crate::procfs::PhaseCost;
+use crate::report::{Report, Target};
+use crate::{Sizes, http_client, nats_pid, spawn_command};
+
+/// In flight for both throughput runs, raw and HTTP: the same window.
+pub const THROUGHPUT_IN_FLIGHT: usize = 64;
+/// In flight for the create latency run: a moderately busy service.
+const LATENCY_IN_FLIGHT: usize = 16;
+
+/// Raw JetStream creates: what `posts-command` appends for `POST /posts`,
+/// published directly on `js`.
+fn raw_op(
+    js: jetstream::Context,
+    pool: &CreatePool,
+) -> impl Fn(u64) -> OpFuture + Send + Sync + 'static {
+    let payloads: Arc<Vec<Bytes>> = Arc::new(pool.payloads.clone());
+    let (event_type, schema) = (pool.event_type, pool.schema);
+    move |n| {
+        let js = js.clone();
+        let payload = payloads[usize::try_from(n).unwrap_or(0) % payloads.len()].clone();
+        Box::pin(async move {
+            let subject = format!("posts.{}", uuid::Uuid::now_v7());
+            let headers = corpus::headers(event_type, schema, 0);
+            js.publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+/// `POST /posts` with a pooled body; success is 201.
+fn create_op(
+    client: reqwest::Client,
+    command_url: &str,
+    pool: &CreatePool,
+) -> impl Fn(u64) -> OpFuture + Send + Sync + 'static {
+    let url = format!("{command_url}/posts");
+    let bodies: Arc<Vec<Bytes>> = Arc::new(pool.bodies.clone());
+    move |n| {
+        let body = bodies[usize::try_from(n).unwrap_or(0) % bodies.len()].clone();
+        let request = client
+            .post(&url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        Box::pin(async move {
+            let response = request.send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            // Read the body to the end so the connection goes back to the pool.
+            let body = response.bytes().await.map_err(|e| e.to_string())?;
+            if status == reqwest::StatusCode::CREATED {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ))
+            }
+        })
+    }
+}
+
+/// Raw and HTTP create throughput on a fresh nats-server, plus create
+/// latency when `with_latency`.
+///
+/// # Errors
+/// When the server or `posts-command` cannot be started.
+pub fn run(
+    rt: &Runtime,
+    report: &mut Report,
+    sizes: &Sizes,
+    pool: &CreatePool,
+    sync_always: bool,
+) -> anyhow::Result<()> {
+    let (raw_name, http_name) = if sync_always {
+        ("raw_publish_pipelined", "command_create_throughput")
+    } else {
+        (
+            "raw_publish_pipelined_nosync",
+            "command_create_throughput_nosync",
+        )
+    };
+    let setting = if sync_always {
+        "sync_interval: always"
+    } else {
+        "default sync interval"
+    };
+    println!("\n== write side, nats-server with {setting}");
+    let nats = NatsServer::start_with(&NatsOptions { sync_always }).context("start nats-server")?;
+    let nats_pid = nats_pid(&nats);
+    let me = Some(std::process::id());
+    let js = rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await?;
+        let js = jetstream::new(client);
+        eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+        anyhow::Ok(js)
+    })?;
+    let (command, command_url) = spawn_command(&nats.url())?;
+    let client = http_client()?;
+
+    // Raw and HTTP alternate in short slices, so drift on a shared machine
+    // (other processes, the disk's fsync latency) hits both alike.
+    let mut raw = Totals::new(raw_name);
+    let mut http = Totals::new(http_name);
+    for _ in 0..sizes.throughput_rounds {
+        let watch = CpuWatch::start(&[("bench", me), ("nats-server", nats_pid)]);
+        let outcome = rt.block_on(load::timed(
+            THROUGHPUT_IN_FLIGHT,
+            sizes.throughput_warmup,
+            sizes.throughput_slice(),
+            raw_op(js.clone(), pool),
+        ));
+        raw.add(outcome, watch.finish(raw_name));
+        let watch = CpuWatch::start(&[
+            ("bench", me),
+            ("nats-server", nats_pid),
+            ("posts-command", command.pid()),
+        ]);
+        let outcome = rt.block_on(load::timed(
+            THROUGHPUT_IN_FLIGHT,
+            sizes.throughput_warmup,
+            sizes.throughput_slice(),
+            create_op(client.clone(), &command_url, pool),
+        ));
+        http.add(outcome, watch.finish(http_name));
+    }
+    let target = if sync_always { 0.8 } else { 0.4 };
+    for (totals, baseline, target) in [
+        (&raw, None, None),
+        (&http, Some(raw_name), Some(Target::RatioAtLeast(target))),
+    ] {
+        report.load_costs.push(totals.generator_cost());
+        report.add(
+            totals.name,
+            Some(totals.rate()),
+            "events/s",
+            baseline,
+            target,
+            Some(totals.note()),
+        );
+    }
+    report.phase(raw.cost);
+    report.phase(http.cost);
+
+    if sync_always {
+        let watch = CpuWatch::start(&[
+            ("bench", me),
+            ("nats-server", nats_pid),
+            ("posts-command", command.pid()),
+        ]);
+        let mut latency = rt.block_on(load::counted(
+            LATENCY_IN_FLIGHT,
+            sizes.latency_warmup,
+            sizes.latency_samples,
+            create_op(client, &command_url, pool),
+        ));
+        report.phase(watch.finish("command_create_latency"));
+        let note = Some(format!(
+            "{} samples at {LATENCY_IN_FLIGHT} in flight ({:.0} creates/s){}",
+            latency.latencies.len(),
+            latency.rate(),
+            latency
+                .error_note()
+                .map(|e| format!("; {e}"))
+                .unwrap_or_default()
+        ));
+        report.add(
+            "command_create_latency_p50",
+            latency.percentile_ms(0.50),
+            "ms",
+            None,
+            None,
+            note.clone(),
+        );
+        report.add(
+            "command_create_latency_p99",
+            latency.percentile_ms(0.99),
+            "ms",
+            None,
+            Some(Target::ValueAtMost(10.0)),
+            note,
+        );
+    }
+    drop(command);
+    drop(nats);
+    Ok(())
+}
+
+/// One side of the alternating throughput run, summed over its slices.
+struct Totals {
+    name: &'static str,
+    ok: u64,
+    window_s: f64,
+    slice_rates: Vec<f64>,
+    errors: Vec<String>,
+    cost: PhaseCost,
+}
+
+impl Totals {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            ok: 0,
+            window_s: 0.0,
+            slice_rates: Vec::new(),
+            errors: Vec::new(),
+            cost: PhaseCost {
+                phase: name.to_string(),
+                wall_s: 0.0,
+                cpu_s: Vec::new(),
+            },
+        }
+    }
+
+    fn add(&mut self, outcome: Outcome, cost: PhaseCost) {
+        self.ok += outcome.ok;
+        self.window_s += outcome.window.as_secs_f64();
+        self.slice_rates.push(outcome.rate());
+        self.errors.extend(outcome.error_note());
+        self.cost.absorb(&cost);
+    }
+
+    fn rate(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^52")]
+        let ok = self.ok as f64;
+        ok / self.window_s.max(f64::MIN_POSITIVE)
+    }
+
+    fn note(&self) -> String {
+        let slices: Vec<String> = self.slice_rates.iter().map(|r| format!("{r:.0}")).collect();
+        let mut note = format!(
+            "{THROUGHPUT_IN_FLIGHT} in flight, {} measured slices alternating with the other side ({}/s); {}",
+            self.slice_rates.len(),
+            slices.join(", "),
+            self.cost.per_event(self.rate())
+        );
+        for e in &self.errors {
+            note.push_str("; ");
+            note.push_str(e);
+        }
+        note
+    }
+
+    /// What the in-process load generator spent, for the report's "load" field.
+    fn generator_cost(&self) -> String {
+        let bench = self.cost.cpu_of("bench").unwrap_or(0.0);
+        format!(
+            "{}: bench process {:.2} cores, {:.0} CPU us per request",
+            self.name,
+            bench / self.cost.wall_s.max(f64::MIN_POSITIVE),
+            bench * 1e6 / (self.rate() * self.cost.wall_s).max(1.0)
+        )
+    }
+}
