@@ -214,6 +214,8 @@ bench *args:
     set -euo pipefail
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
+    # The bench spawns the service binaries: rebuild them, not just the bench.
+    cargo build --release --bin posts-command --bin posts-query --bin replay
     cargo run --release --bin bench -- "$@"
 
 # Formats the workspace; `just fmt --check` only checks.

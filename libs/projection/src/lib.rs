@@ -79,6 +79,13 @@ pub trait Projection: Send + 'static {
     /// # Errors
     /// [`ProjectionError`] for a transient fault.
     fn flush(&mut self) -> Result<(), ProjectionError>;
+    /// Whether a flush is worth doing now. A store whose flush is costly (a
+    /// tantivy commit writes and fsyncs a segment) says no for a short while
+    /// after the last one, so a trickle of events shares commits; the runner
+    /// retries on its idle tick, and always flushes at stop.
+    fn flush_due(&self) -> bool {
+        true
+    }
     /// Drops whatever was applied but not durable, back to `checkpoint()`.
     ///
     /// # Errors

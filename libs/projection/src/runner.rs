@@ -147,6 +147,7 @@ async fn supervise(
             name.clone(),
         ));
         let mut dirty = false;
+        let mut applied_upto = 0;
         loop {
             let next = tokio::select! {
                 biased;
@@ -164,7 +165,7 @@ async fn supervise(
                     return Some(p);
                 }
                 Some(Err(_idle)) => {
-                    if dirty {
+                    if dirty && projection.flush_due() {
                         let (p, res) = run_blocking(projection, |p| p.flush()).await?;
                         projection = p;
                         if let Err(e) = res {
@@ -175,9 +176,9 @@ async fn supervise(
                                     .await?;
                             continue 'restart;
                         }
-                        dirty = false;
+                        dirty = projection.visible() < applied_upto;
                         status.set_visible(projection.visible());
-                        if projection.visible() >= head || rx.is_empty() {
+                        if !dirty && (projection.visible() >= head || rx.is_empty()) {
                             status.mark_caught_up();
                         }
                     }
@@ -233,8 +234,9 @@ async fn supervise(
                         deliver_dlq(&store, &name, &mut undelivered).await;
                     }
                     dirty = true;
+                    applied_upto = items.last().map_or(applied_upto, |i| i.seq);
                     status.set_visible(projection.visible());
-                    if pending_after == 0 && rx.is_empty() {
+                    if pending_after == 0 && rx.is_empty() && projection.flush_due() {
                         let (p, res) = run_blocking(projection, |p| p.flush()).await?;
                         projection = p;
                         if let Err(e) = res {
@@ -245,9 +247,11 @@ async fn supervise(
                                     .await?;
                             continue 'restart;
                         }
-                        dirty = false;
+                        dirty = projection.visible() < applied_upto;
                         status.set_visible(projection.visible());
-                        status.mark_caught_up();
+                        if !dirty {
+                            status.mark_caught_up();
+                        }
                     }
                 }
                 Err(e) => {
