@@ -14,14 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use eventstore::{EventStore, Repository, StreamSpec, connect_checked};
+use eventstore::{EventStore, Repository, StreamSpec};
 
 pub use aggregate::PostAggregate;
 pub use api::app;
-
-/// JetStream API and publish-ack timeout. With `sync_interval: always` an ack
-/// takes a few ms; three seconds means the server is gone or overloaded.
-const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Command-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
@@ -74,16 +70,13 @@ impl AppState {
 /// A message naming the URL and the cause.
 pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     let urls = config.nats_url.join(",");
-    let client = connect_checked(&config.nats_url, "posts-command").await?;
-    let mut js = async_nats::jetstream::new(client.clone());
-    js.set_timeout(JETSTREAM_TIMEOUT);
-    let store = tokio::time::timeout(
-        Duration::from_secs(15),
-        EventStore::open(client, js.clone(), &StreamSpec::posts(config.replicas)),
+    let store = EventStore::connect(
+        &config.nats_url,
+        "posts-command",
+        &StreamSpec::posts(config.replicas),
     )
-    .await
-    .with_context(|| format!("{urls}: no JetStream answer in 15s"))?
-    .with_context(|| format!("{urls}: cannot use stream POSTS"))?;
+    .await?;
+    let js = store.jetstream().clone();
     let idempotency = idempotency::open_bucket(&js, config.replicas)
         .await
         .with_context(|| format!("{urls}: cannot use the idempotency bucket"))?;

@@ -11,15 +11,12 @@ mod live;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
-use eventstore::{EventStore, StreamSpec, connect_checked, dlq_spec, provision};
+use eventstore::{EventStore, StreamSpec, dlq_spec, provision};
 
 pub use api::app;
 pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE};
-
-const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Query-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
@@ -54,16 +51,13 @@ pub struct Config {
 /// A message naming the URL or the path and the cause.
 pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppState> {
     let urls = config.nats_url.join(",");
-    let client = connect_checked(&config.nats_url, "posts-query").await?;
-    let mut js = async_nats::jetstream::new(client.clone());
-    js.set_timeout(JETSTREAM_TIMEOUT);
-    let store = tokio::time::timeout(
-        Duration::from_secs(15),
-        EventStore::open(client, js.clone(), &StreamSpec::posts(config.replicas)),
+    let store = EventStore::connect(
+        &config.nats_url,
+        "posts-query",
+        &StreamSpec::posts(config.replicas),
     )
-    .await
-    .with_context(|| format!("{urls}: no JetStream answer in 15s"))?
-    .with_context(|| format!("{urls}: cannot use stream POSTS"))?;
+    .await?;
+    let js = store.jetstream().clone();
     provision(&js, &dlq_spec(config.replicas))
         .await
         .with_context(|| format!("{urls}: cannot use stream DLQ"))?;

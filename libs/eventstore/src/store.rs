@@ -11,6 +11,27 @@ use crate::stream::{ProvisionError, StreamSpec, provision};
 /// retry inside the duplicate window tells which without a double append.
 const PUBLISH_TIMEOUT_RETRIES_MAX: u32 = 2;
 
+/// JetStream API and publish-ack timeout. With `sync_interval: always` an ack
+/// takes a few ms; three seconds means the server is gone or overloaded.
+const JETSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Upper bound on opening the stream at start-up (a cluster may be electing).
+const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Why [`EventStore::connect`] could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Connect(#[from] crate::ConnectCheckError),
+    #[error("{urls}: no JetStream answer in {secs}s")]
+    NoAnswer { urls: String, secs: u64 },
+    #[error("{urls}: cannot use stream {stream}: {source}")]
+    Stream {
+        urls: String,
+        stream: String,
+        source: ProvisionError,
+    },
+}
+
 /// An aggregate longer than this is a bug or an attack: refuse to fold it.
 const AGGREGATE_EVENTS_MAX: usize = 100_000;
 
@@ -71,6 +92,35 @@ impl EventStore {
             stream,
             subject_prefix,
         })
+    }
+
+    /// The start-up check every service runs before it serves: connects
+    /// (failing fast when the URL is not a NATS server), checks JetStream,
+    /// and opens `spec`, creating it if missing, all within a deadline.
+    ///
+    /// # Errors
+    /// [`StartError`] naming the URL(s) and the cause.
+    pub async fn connect(
+        urls: &[String],
+        client_name: &str,
+        spec: &StreamSpec,
+    ) -> Result<Self, StartError> {
+        let joined = urls.join(",");
+        let client = crate::connect_checked(urls, client_name).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(JETSTREAM_TIMEOUT);
+        match tokio::time::timeout(START_DEADLINE, Self::open(client, js, spec)).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(source)) => Err(StartError::Stream {
+                urls: joined,
+                stream: spec.name.clone(),
+                source,
+            }),
+            Err(_) => Err(StartError::NoAnswer {
+                urls: joined,
+                secs: START_DEADLINE.as_secs(),
+            }),
+        }
     }
 
     /// Opens a stream that must already exist (tools that must not create one).
