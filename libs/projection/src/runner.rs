@@ -166,20 +166,18 @@ async fn supervise(
                 }
                 Some(Err(_idle)) => {
                     if dirty && projection.flush_due() {
-                        let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+                        let (p, res) = flush_visible(projection, &status, applied_upto).await?;
                         projection = p;
-                        if let Err(e) = res {
-                            fault(&status, &name, &e.0);
-                            fetch.abort();
-                            projection =
-                                recover(projection, &status, &name, &mut backoff, &mut stop)
-                                    .await?;
-                            continue 'restart;
-                        }
-                        dirty = projection.visible() < applied_upto;
-                        status.set_visible(projection.visible());
-                        if !dirty && (projection.visible() >= head || rx.is_empty()) {
-                            status.mark_caught_up();
+                        match res {
+                            Ok(clean) => dirty = !clean,
+                            Err(e) => {
+                                fault(&status, &name, &e.0);
+                                fetch.abort();
+                                projection =
+                                    recover(projection, &status, &name, &mut backoff, &mut stop)
+                                        .await?;
+                                continue 'restart;
+                            }
                         }
                     }
                     deliver_dlq(&store, &name, &mut undelivered).await;
@@ -237,20 +235,18 @@ async fn supervise(
                     applied_upto = items.last().map_or(applied_upto, |i| i.seq);
                     status.set_visible(projection.visible());
                     if pending_after == 0 && rx.is_empty() && projection.flush_due() {
-                        let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+                        let (p, res) = flush_visible(projection, &status, applied_upto).await?;
                         projection = p;
-                        if let Err(e) = res {
-                            fault(&status, &name, &e.0);
-                            fetch.abort();
-                            projection =
-                                recover(projection, &status, &name, &mut backoff, &mut stop)
-                                    .await?;
-                            continue 'restart;
-                        }
-                        dirty = projection.visible() < applied_upto;
-                        status.set_visible(projection.visible());
-                        if !dirty {
-                            status.mark_caught_up();
+                        match res {
+                            Ok(clean) => dirty = !clean,
+                            Err(e) => {
+                                fault(&status, &name, &e.0);
+                                fetch.abort();
+                                projection =
+                                    recover(projection, &status, &name, &mut backoff, &mut stop)
+                                        .await?;
+                                continue 'restart;
+                            }
                         }
                     }
                 }
@@ -276,6 +272,25 @@ async fn run_blocking<T: Send + 'static>(
     })
     .await
     .ok()
+}
+
+/// Flushes and publishes what became visible. `Ok(true)` when everything
+/// applied up to `applied_upto` is visible: the projection has caught up.
+async fn flush_visible(
+    projection: Box<dyn Projection>,
+    status: &Status,
+    applied_upto: u64,
+) -> Option<(Box<dyn Projection>, Result<bool, crate::ProjectionError>)> {
+    let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+    let res = res.map(|()| {
+        status.set_visible(p.visible());
+        let clean = p.visible() >= applied_upto;
+        if clean {
+            status.mark_caught_up();
+        }
+        clean
+    });
+    Some((p, res))
 }
 
 fn fault(status: &Status, name: &str, error: &str) {
