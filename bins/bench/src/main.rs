@@ -60,6 +60,10 @@ struct Args {
     /// Where to write the JSON report (default: <target>/bench/report.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run only the write side (`write`) or only the read side (`read`),
+    /// for iterating on one path; the report then lacks the other's metrics.
+    #[arg(long, value_parser = ["write", "read"])]
+    only: Option<String>,
 }
 
 /// How big each phase is.
@@ -317,9 +321,13 @@ fn main() -> anyhow::Result<()> {
         "machine load average (1, 5, 15 min): {loadavg_at_start}; pressure (some, avg60 %): {pressure_at_start}"
     );
     let mut report = Report::default();
-    write::run(&rt, &mut report, &sizes, &pool, true)?;
-    write::run(&rt, &mut report, &sizes, &pool, false)?;
-    read::run(&rt, &mut report, &sizes, &vocab, &pool)?;
+    if args.only.as_deref() != Some("read") {
+        write::run(&rt, &mut report, &sizes, &pool, true)?;
+        write::run(&rt, &mut report, &sizes, &pool, false)?;
+    }
+    if args.only.as_deref() != Some("write") {
+        read::run(&rt, &mut report, &sizes, &vocab, &pool)?;
+    }
 
     let load = format!(
         "closed loop with fixed concurrency: tokio tasks inside the bench process, on the same {cores} cores as nats-server and the services, \

@@ -16,7 +16,7 @@ use posts_projections::rebuild::{self, Reader};
 use posts_projections::search::{self, SearchReader};
 use posts_projections::view::{self, ViewReader};
 use posts_projections::{POST_SEARCH, POST_VIEW, PROJECTIONS};
-use projection::{Projection, RebuildProgress, Runner, RunnerOptions, Status};
+use projection::{Feed, Projection, RebuildProgress, Runner, RunnerOptions, Status};
 use serde::{Deserialize, Serialize};
 use servicekit::Problem;
 
@@ -68,6 +68,8 @@ impl Drop for DataDirLock {
 
 pub(crate) struct Inner {
     pub store: EventStore,
+    /// One ordered consumer feeding both projections.
+    pub feed: Feed,
     pub data_dir: PathBuf,
     pub view: RwLock<ViewReader>,
     pub search: RwLock<SearchReader>,
@@ -96,6 +98,7 @@ impl AppState {
             .with_context(|| format!("cannot open {}", search_path.display()))?;
         let mut runners = HashMap::new();
         let mut statuses = Vec::new();
+        let feed = Feed::start(store.clone(), &RunnerOptions::live(), "posts-query");
         for p in [
             Box::new(view_p) as Box<dyn projection::Projection>,
             Box::new(search_p),
@@ -105,12 +108,13 @@ impl AppState {
             let name = p.name().to_string();
             runners.insert(
                 name,
-                Runner::start(p, store.clone(), status, RunnerOptions::live()),
+                Runner::start_on(p, &feed, status, RunnerOptions::live()),
             );
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                feed,
                 data_dir: data_dir.to_path_buf(),
                 view: RwLock::new(view_r),
                 search: RwLock::new(search_r),
@@ -298,6 +302,7 @@ async fn swap_to_completion(
         })?;
     let status = state.status(&name).ok_or_else(|| internal("no status"))?;
     let store = state.inner.store.clone();
+    let feed = state.inner.feed.clone();
     let mut runners = state.inner.runners.lock().await;
     let live = match runners.remove(&name) {
         Some(r) => r.stop().await.ok_or_else(|| internal("live runner died"))?,
@@ -306,7 +311,7 @@ async fn swap_to_completion(
     let restart = |p: Box<dyn Projection>, runners: &mut HashMap<String, Runner>| {
         runners.insert(
             name.clone(),
-            Runner::start(p, store.clone(), status.clone(), RunnerOptions::live()),
+            Runner::start_on(p, &feed, status.clone(), RunnerOptions::live()),
         );
     };
     let (new_p, new_reader) = {

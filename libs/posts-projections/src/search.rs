@@ -336,7 +336,7 @@ impl Projection for SearchProjection {
         self.checkpoint
     }
 
-    fn apply_batch(&mut self, batch: &[Incoming]) -> Result<Vec<Parked>, ProjectionError> {
+    fn apply_batch(&mut self, batch: &[&Incoming]) -> Result<Vec<Parked>, ProjectionError> {
         let mut parked = Vec::new();
         for incoming in batch {
             assert!(

@@ -25,6 +25,15 @@ const META_CHECKPOINT: &str = "checkpoint";
 const META_PARKED_TOTAL: &str = "parked_total";
 /// Page cache for the view file: enough for the hot set of 100k small posts.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Batches commit without fsync (`Durability::None`: visible to readers at
+/// once, durable with the next durable commit); at least this often, and
+/// at every flush, a commit is made durable. A crash loses at most this much
+/// projection work, never consistency: the checkpoint is in the same
+/// transactions, so the lost tail is re-applied from the stream.
+const DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
+/// Least time between two durable flushes when following live: a trickle of
+/// events shares an fsync. Visibility does not wait for it.
+const FLUSH_GAP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One row of the view, as stored (postcard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +94,8 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
         ViewProjection {
             db,
             checkpoint,
+            durable: checkpoint,
+            durable_at: std::time::Instant::now(),
             parked_total,
         },
         reader,
@@ -97,9 +108,12 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
 /// # Errors
 /// When the store cannot be read.
 pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
+    let checkpoint = reader.checkpoint()?;
     Ok(ViewProjection {
         db: reader.db.clone(),
-        checkpoint: reader.checkpoint()?,
+        checkpoint,
+        durable: checkpoint,
+        durable_at: std::time::Instant::now(),
         parked_total: reader.parked_total()?,
     })
 }
@@ -107,7 +121,12 @@ pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
 /// The writer side: applies batches.
 pub struct ViewProjection {
     db: Arc<Database>,
+    /// Last sequence committed (what readers see; what this process resumes
+    /// from: a failed transaction leaves earlier commits in place).
     checkpoint: u64,
+    /// Last sequence committed durably (what a restart resumes from).
+    durable: u64,
+    durable_at: std::time::Instant,
     parked_total: u64,
 }
 
@@ -240,12 +259,17 @@ impl Projection for ViewProjection {
         self.checkpoint
     }
 
-    fn apply_batch(&mut self, batch: &[Incoming]) -> Result<Vec<Parked>, ProjectionError> {
+    fn apply_batch(&mut self, batch: &[&Incoming]) -> Result<Vec<Parked>, ProjectionError> {
         let Some(last) = batch.last() else {
             return Ok(Vec::new());
         };
         let mut parked = Vec::new();
-        let txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        let mut txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        let durable = self.durable_at.elapsed() >= DURABLE_INTERVAL;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(ProjectionError::new)?;
+        }
         {
             let mut posts = txn.open_table(POSTS).map_err(ProjectionError::new)?;
             let mut by_created = txn.open_table(BY_CREATED).map_err(ProjectionError::new)?;
@@ -281,12 +305,28 @@ impl Projection for ViewProjection {
         txn.commit().map_err(ProjectionError::new)?;
         crate::failpoint("view-after-commit");
         self.checkpoint = last.seq;
+        if durable {
+            self.durable = last.seq;
+            self.durable_at = std::time::Instant::now();
+        }
         self.parked_total += parked.len() as u64;
         Ok(parked)
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
+        if self.durable == self.checkpoint {
+            return Ok(());
+        }
+        // An empty durable commit makes the non-durable ones before it durable.
+        let txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        txn.commit().map_err(ProjectionError::new)?;
+        self.durable = self.checkpoint;
+        self.durable_at = std::time::Instant::now();
         Ok(())
+    }
+
+    fn flush_due(&self) -> bool {
+        self.durable_at.elapsed() >= FLUSH_GAP_MIN
     }
 
     fn recover(&mut self) -> Result<(), ProjectionError> {

@@ -15,7 +15,7 @@
 mod runner;
 mod status;
 
-pub use runner::{Runner, RunnerOptions, drain_to};
+pub use runner::{Feed, Runner, RunnerOptions, drain_to};
 pub use status::{ProjectionState, RebuildProgress, Status, StatusSnapshot};
 
 use async_nats::HeaderMap;
@@ -64,7 +64,11 @@ impl ProjectionError {
 ///   and resumes from `checkpoint() + 1`.
 pub trait Projection: Send + 'static {
     fn name(&self) -> &str;
-    /// Last stream sequence whose effect is durable.
+    /// Last stream sequence whose effect is committed to the store, together
+    /// with the checkpoint itself: the runner resumes from here + 1 after a
+    /// fault. A store may commit without fsync in between durable flushes;
+    /// after a crash it reopens at its last durable commit, which holds its
+    /// own (older) checkpoint, so effects and position never part.
     fn checkpoint(&self) -> u64;
     /// Last stream sequence readers can see (≤ applied, ≥ checkpoint).
     fn visible(&self) -> u64;
@@ -72,7 +76,7 @@ pub trait Projection: Send + 'static {
     ///
     /// # Errors
     /// [`ProjectionError`] for a transient fault; nothing was made durable.
-    fn apply_batch(&mut self, batch: &[Incoming]) -> Result<Vec<Parked>, ProjectionError>;
+    fn apply_batch(&mut self, batch: &[&Incoming]) -> Result<Vec<Parked>, ProjectionError>;
     /// Makes everything applied durable and visible (no-op where each batch
     /// already is). Called when the runner has caught up, and at shutdown.
     ///
