@@ -224,6 +224,12 @@ async fn search(
     read_your_writes(&state, POST_SEARCH, &params, &headers).await?;
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
     let reader = state.search();
+    let _slot = state
+        .inner
+        .search_slots
+        .acquire()
+        .await
+        .map_err(|e| Problem::internal(&e))?;
     let results = blocking(move || reader.search(&q, author.as_deref(), limit, offset))
         .await?
         .map_err(|e| match e {

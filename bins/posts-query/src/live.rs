@@ -73,6 +73,11 @@ pub(crate) struct Inner {
     pub data_dir: PathBuf,
     pub view: RwLock<ViewReader>,
     pub search: RwLock<SearchReader>,
+    /// Searches running at once: one per core. Searches are CPU-bound; more
+    /// threads than cores only time-slice them, which stretches every
+    /// search in flight and the tail most (`just bench`, 8 in flight on 2
+    /// cores). Queued searches wait their turn in order instead.
+    pub search_slots: tokio::sync::Semaphore,
     pub statuses: Vec<Arc<Status>>,
     pub runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     pub rebuilds: std::sync::Mutex<HashMap<String, RebuildProgress>>,
@@ -118,6 +123,9 @@ impl AppState {
                 data_dir: data_dir.to_path_buf(),
                 view: RwLock::new(view_r),
                 search: RwLock::new(search_r),
+                search_slots: tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+                ),
                 statuses,
                 runners: tokio::sync::Mutex::new(runners),
                 rebuilds: std::sync::Mutex::new(HashMap::new()),

@@ -16,6 +16,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// With nothing new for this long, make what was applied visible.
 const IDLE_FLUSH: Duration = Duration::from_millis(20);
+/// ... unless the server said more is pending: then only after this long
+/// (the feed is held up by another runner or by the server).
+const IDLE_FLUSH_BEHIND: Duration = Duration::from_millis(1000);
 /// How often the consumer's idle heartbeat is expected; missing ones make the
 /// ordered consumer recreate itself.
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
@@ -300,6 +303,9 @@ async fn supervise(
         let mut next_seq = from;
         let mut dirty = false;
         let mut applied_upto = 0;
+        // Messages the server had left after the last batch.
+        let mut last_pending = 0;
+        let mut idle_since = std::time::Instant::now();
         loop {
             let waited = std::time::Instant::now();
             let next = tokio::select! {
@@ -317,9 +323,19 @@ async fn supervise(
                     return Some(p);
                 }
                 Some(Err(_idle)) => {
-                    if dirty && projection.flush_due() {
-                        let (p, res) =
-                            flush_visible(projection, &status, applied_upto, &mut stats).await?;
+                    // More is known to be coming (this runner waits on a
+                    // slower one sharing the feed): flush only once the
+                    // wait gets long, so a backlog is not cut into commits.
+                    let behind = last_pending > 0 && idle_since.elapsed() < IDLE_FLUSH_BEHIND;
+                    if dirty && !behind && projection.flush_due() {
+                        let (p, res) = flush_visible(
+                            projection,
+                            &status,
+                            applied_upto,
+                            last_pending == 0,
+                            &mut stats,
+                        )
+                        .await?;
                         projection = p;
                         match res {
                             Ok(clean) => dirty = !clean,
@@ -360,6 +376,8 @@ async fn supervise(
                 }
             }
             stats.wait += waited.elapsed();
+            last_pending = pending_after;
+            idle_since = std::time::Instant::now();
             let last = chunks.iter().map(|c| c.last_seq()).max().unwrap_or(0);
             if last < next_seq {
                 continue; // all re-sent after another subscriber rewound the feed
@@ -421,7 +439,8 @@ async fn supervise(
                     status.set_visible(projection.visible());
                     if pending_after == 0 && rx.is_empty() && projection.flush_due() {
                         let (p, res) =
-                            flush_visible(projection, &status, applied_upto, &mut stats).await?;
+                            flush_visible(projection, &status, applied_upto, true, &mut stats)
+                                .await?;
                         projection = p;
                         match res {
                             Ok(clean) => dirty = !clean,
@@ -488,18 +507,20 @@ async fn run_blocking<T: Send + 'static>(
 }
 
 /// Flushes and publishes what became visible. `Ok(true)` when everything
-/// applied up to `applied_upto` is visible: the projection has caught up.
+/// applied up to `applied_upto` is visible; with `at_head` (the server had
+/// nothing more) the projection has then caught up.
 async fn flush_visible(
     projection: Box<dyn Projection>,
     status: &Status,
     applied_upto: u64,
+    at_head: bool,
     stats: &mut CatchUpStats,
 ) -> Option<(Box<dyn Projection>, Result<bool, crate::ProjectionError>)> {
     let (p, res) = run_blocking(projection, |p| p.flush()).await?;
     let res = res.map(|()| {
         status.set_visible(p.visible());
         let clean = p.visible() >= applied_upto;
-        if clean {
+        if clean && at_head {
             stats.report(p.name(), status);
             status.mark_caught_up();
         }
