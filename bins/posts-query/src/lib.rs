@@ -93,6 +93,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "posts-query listening");
+    // Responses are single writes: no reason to let Nagle hold any back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;
