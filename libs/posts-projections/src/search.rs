@@ -4,7 +4,7 @@
 //! stay as text-less tombstones so the projection can tell "deleted" from
 //! "never existed" exactly as `post-view` does, and are never returned.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -175,9 +175,9 @@ pub fn open(
             applied: payload.checkpoint,
             parked_total: payload.parked_total,
             parked_recent: payload.parked_recent,
-            pending: HashMap::new(),
+            pending: foldhash::HashMap::default(),
             known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
-                .then(HashSet::new),
+                .then(foldhash::HashSet::default),
             last_commit: Instant::now(),
         },
         search_reader,
@@ -195,12 +195,15 @@ pub struct SearchProjection {
     parked_total: u64,
     parked_recent: Vec<Parked>,
     /// Documents changed since the last commit (invisible to the searcher).
-    pending: HashMap<String, Doc>,
+    /// foldhash: SipHash over these ids and `known` showed in catch-up
+    /// profiles, and the keys are our own post ids, not attacker-chosen
+    /// lookups.
+    pending: foldhash::HashMap<String, Doc>,
     /// When the index was opened empty (a catch-up from scratch, a replay),
     /// every post it holds went through this process. An id not in here
     /// does not exist, so a create needs neither an index lookup nor a delete
     /// term. `None` once that knowledge is lost (recover, cap).
-    known: Option<HashSet<String>>,
+    known: Option<foldhash::HashSet<String>>,
     last_commit: Instant,
 }
 
