@@ -29,7 +29,7 @@ pub const QUERY_TERMS_MAX: usize = 16;
 /// Commit at most this often while catching up; when idle the runner flushes
 /// at once, so live visibility does not wait for it. Fewer commits mean
 /// fewer small segments to merge.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(2000);
+const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
 /// Least time between two commits when following live: events trickling in
 /// one by one share a commit instead of each writing and fsyncing a segment
 /// (~3 ms of CPU per event in `just bench` profiles). Bounds how much later
