@@ -288,6 +288,16 @@ fn check_binaries() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On SIGINT or SIGTERM, kills every nats-server and service this run
+/// started before exiting: the drops that normally do it do not run when a
+/// signal ends the process. Temp dirs under the system temp dir are left.
+async fn stop_on_signal() {
+    servicekit::shutdown_signal().await;
+    eprintln!("bench: stopped by a signal; killing the servers and services it started");
+    testkit::kill_spawned();
+    std::process::exit(130);
+}
+
 fn main() -> anyhow::Result<()> {
     point_testkit_at_own_dir();
     let args = Args::parse();
@@ -301,6 +311,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    rt.spawn(stop_on_signal());
     println!(
         "bench ({} run): nats-server {version}, {cores} cores, backlog {} events over {} posts, create payload {} B (HTTP body {} B)",
         sizes.mode,

@@ -47,7 +47,7 @@ impl RunnerOptions {
     pub fn live() -> Self {
         Self {
             batch_events_max: 2_000,
-            batches_ahead_max: 16,
+            batches_ahead_max: 8,
             pull_batch_max: 2_000,
             stop_at: None,
         }

@@ -101,6 +101,43 @@ fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// Pids of every process started through this crate, for [`kill_spawned`].
+static SPAWNED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn track(child: &Child) {
+    if let Ok(mut pids) = SPAWNED.lock() {
+        pids.retain(|p| is_own_child(*p));
+        pids.push(child.id());
+    }
+}
+
+/// Whether `pid` is still a child of this process (a reaped child's pid may
+/// belong to anyone by now).
+fn is_own_child(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // Fields after the parenthesised command name: state, ppid, ...
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok())
+            == Some(std::process::id())
+    })
+}
+
+/// SIGKILLs every process started through this crate that is still a child
+/// of this one. Drops do the same one by one, but they do not run when a
+/// harness like `bench` is stopped by a signal: its handler calls this
+/// before exiting, so no nats-server or service outlives it.
+pub fn kill_spawned() {
+    let pids = SPAWNED.lock().map(|p| p.clone()).unwrap_or_default();
+    for pid in pids.into_iter().filter(|p| is_own_child(*p)) {
+        #[allow(unsafe_code, reason = "kill(2) has no safe std wrapper")]
+        // SAFETY: kill with a pid that is our own child and a valid signal.
+        unsafe {
+            libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL);
+        }
+    }
+}
+
 fn kill9(child: &mut Child) {
     #[allow(
         unsafe_code,
@@ -230,6 +267,7 @@ impl NatsServer {
                     nats_bin()
                 )
             })?;
+        track(&child);
         self.child = Some(child);
         let port = self.port;
         let name = self.server_name.clone();
@@ -361,16 +399,16 @@ impl NatsCluster {
             .create(true)
             .append(true)
             .open(&node.log_path)?;
-        node.child = Some(
-            Command::new(nats_bin())
-                .arg("-c")
-                .arg(&node.config_path)
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()
-                .context("spawn nats-server")?,
-        );
+        let child = Command::new(nats_bin())
+            .arg("-c")
+            .arg(&node.config_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn nats-server")?;
+        track(&child);
+        node.child = Some(child);
         let port = node.port;
         let name = node.server_name.clone();
         wait_until(
@@ -472,6 +510,7 @@ impl ServiceProcess {
             .with_context(|| {
                 format!("spawn {} (run `cargo build --bins` first)", path.display())
             })?;
+        track(&child);
         self.child = Some(child);
         if ready_port == 0 {
             return Ok(());
