@@ -778,8 +778,12 @@ async fn raw_message(store: &EventStore, seq: u64) -> Result<Option<Incoming>, S
     }
 }
 
-/// Publishes parked events to `dlq.<projection>.<seq>`, deduplicated by
-/// `Nats-Msg-Id`; what fails stays queued for the next call.
+/// Publishes parked events to `dlq.<projection>.<seq>`, at most one message
+/// per subject: the publish expects the subject to be empty, so a re-park
+/// (the projection re-applied a tail it had not made durable before a
+/// crash, however long ago) is refused by the server instead of stored
+/// twice, as is a retry whose first attempt was stored. What fails
+/// otherwise stays queued for the next call.
 async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, Incoming)>) {
     let mut kept = Vec::new();
     for (parked, inc) in queue.drain(..) {
@@ -796,6 +800,7 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, In
             }
         }
         headers.insert("Nats-Msg-Id", format!("{name}-{}", parked.seq).as_str());
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         headers.insert("Parked-By", name);
         headers.insert("Parked-Seq", parked.seq.to_string().as_str());
         headers.insert(
@@ -811,9 +816,15 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, In
                 .await
         }
         .await;
-        if let Err(e) = sent {
-            tracing::warn!(projection = name, seq = parked.seq, error = %e, "DLQ publish failed; will retry");
-            kept.push((parked, inc));
+        match sent {
+            Ok(_) => {}
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => {}
+            Err(e) => {
+                tracing::warn!(projection = name, seq = parked.seq, error = %e, "DLQ publish failed; will retry");
+                kept.push((parked, inc));
+            }
         }
     }
     *queue = kept;
