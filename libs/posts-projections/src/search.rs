@@ -18,7 +18,9 @@ use tantivy::query::{
 };
 use tantivy::schema::{Field, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
 use tantivy::snippet::SnippetGenerator;
-use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{
+    DocAddress, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term,
+};
 
 use crate::{PARKED_RECENT_MAX, POST_SEARCH, decode, hex, micros};
 
@@ -606,18 +608,30 @@ impl SearchReader {
     /// # Errors
     /// When the index cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<Doc>, SearchError> {
+        // Straight from the id's postings: a scored `TermQuery` built BM25
+        // statistics over every segment first, for each update applied.
+        let idx = |e: std::io::Error| SearchError::Index(e.to_string());
         let searcher = self.reader.searcher();
-        let q = TermQuery::new(
-            Term::from_field_text(self.fields.post_id, id),
-            IndexRecordOption::Basic,
-        );
-        let top = searcher
-            .search(&q, &TopDocs::with_limit(1).order_by_score())
-            .map_err(|e| SearchError::Index(e.to_string()))?;
-        match top.first() {
-            Some((_, addr)) => Ok(Some(self.doc(&searcher, *addr)?)),
-            None => Ok(None),
+        let term = Term::from_field_text(self.fields.post_id, id);
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let postings = segment
+                .inverted_index(self.fields.post_id)
+                .map_err(|e| SearchError::Index(e.to_string()))?
+                .read_postings(&term, IndexRecordOption::Basic)
+                .map_err(idx)?;
+            let Some(mut postings) = postings else {
+                continue;
+            };
+            let mut doc = postings.doc();
+            while doc != tantivy::TERMINATED {
+                if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
+                    let ord = u32::try_from(ord).unwrap_or(u32::MAX);
+                    return Ok(Some(self.doc(&searcher, DocAddress::new(ord, doc))?));
+                }
+                doc = postings.advance();
+            }
         }
+        Ok(None)
     }
 
     fn doc(&self, searcher: &tantivy::Searcher, addr: DocAddress) -> Result<Doc, SearchError> {
