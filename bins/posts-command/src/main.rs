@@ -5,11 +5,34 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// One thread by default. A create costs ~30 µs of CPU and waits ~100x that
+/// on the JetStream ack, so CPU is not what bounds it; on one thread the
+/// publishes of concurrent requests reach the NATS connection together and
+/// go out in fewer writes, which raised create throughput from 0.78-0.82 to
+/// 0.84-0.87 of raw JetStream in `just bench` (and 0.45 -> 0.47 without
+/// fsync). `TOKIO_WORKER_THREADS=N` selects a multi-threaded runtime with N
+/// workers; more instances scale out as well (they share nothing but NATS).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
+}
+
+fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
     let config = posts_command::Config::parse();
-    match posts_command::serve(config, servicekit::shutdown_signal()).await {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("posts-command: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(posts_command::serve(config, servicekit::shutdown_signal())) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "posts-command failed");
