@@ -1114,3 +1114,56 @@ async fn view_and_search_agree_after_a_mixed_workload() -> TestResult {
     }
     Ok(())
 }
+
+/// A dead letter is stored once per (projection, sequence), however late a
+/// second park of the same event comes (after a crash lost a non-durable
+/// tail, past the duplicate window): the publish expects an empty subject.
+/// Here the subjects already hold a message, as a first park would have
+/// left them; the park of the event must leave that message alone and the
+/// projection must move on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_is_stored_once_per_projection_and_sequence() -> TestResult {
+    let env = QueryEnv::start().await?;
+    let js = &env.reader.js;
+    env.create("before", "lorem", "ann").await?;
+    let next_seq = js
+        .get_stream("POSTS")
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence
+        + 1;
+    for name in e2e_tests::PROJECTION_NAMES {
+        js.publish(format!("dlq.{name}.{next_seq}"), "first park".into())
+            .await?
+            .await?;
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let ack = js
+        .publish_with_headers(
+            subject_for(&id),
+            event_headers("PostCreated", 1),
+            vec![0xff, 0xff, 0xff].into(),
+        )
+        .await?
+        .await?;
+    assert_eq!(ack.sequence, next_seq, "nothing else writes in this test");
+    let after = env.create("after", "survivor", "ann").await?;
+    let entries = wait_checkpoints(&env.http, &env.query.base_url, after.seq).await?;
+    let dlq = js.get_stream("DLQ").await?;
+    for name in e2e_tests::PROJECTION_NAMES {
+        let e = projection(&entries, name);
+        assert_eq!(e["parked"], 1, "{e}");
+        assert_eq!(e["state"], "running", "{e}");
+        let subject = format!("dlq.{name}.{next_seq}");
+        let msg = dlq.get_last_raw_message_by_subject(&subject).await?;
+        assert_eq!(msg.payload.as_ref(), b"first park", "{subject}");
+    }
+    assert_eq!(
+        dlq.clone().info().await?.state.messages,
+        2,
+        "one message per projection, the first park's"
+    );
+    Ok(())
+}
