@@ -193,20 +193,40 @@ pub fn create_body(title: &str, content: &str, author_name: &str) -> Value {
     json!({"title": title, "content": content, "author_name": author_name})
 }
 
-/// A `posts-command` running inside the test process on a real socket.
-pub struct InProcessCommand {
+/// A service's `run` future on the test's runtime, serving a real socket,
+/// with a graceful stop.
+pub struct InProcessService {
     pub base_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-impl InProcessCommand {
-    /// Connects to `nats_url` (the service's own start-up checks) and serves
-    /// on a fresh loopback port.
+impl InProcessService {
+    /// Spawns `run(shutdown)` for a service listening on `addr`.
+    fn spawn<F>(
+        addr: std::net::SocketAddr,
+        run: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+    ) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async {
+            let _ = rx.await;
+        })));
+        Self {
+            base_url: format!("http://{addr}"),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// `posts-command`: connects to `nats_url` (the service's own start-up
+    /// checks) and serves on a fresh loopback port.
     ///
     /// # Errors
     /// When the start-up checks fail or no port can be bound.
-    pub async fn start(nats_url: &str) -> anyhow::Result<Self> {
+    pub async fn start_command(nats_url: &str) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let config = posts_command::Config {
@@ -215,18 +235,33 @@ impl InProcessCommand {
             replicas: 1,
         };
         let state = posts_command::connect(&config).await?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(posts_command::run(state, listener, async {
-            let _ = rx.await;
-        }));
-        Ok(Self {
-            base_url: format!("http://{addr}"),
-            shutdown: Some(tx),
-            task: Some(task),
-        })
+        Ok(Self::spawn(addr, |stop| {
+            posts_command::run(state, listener, stop)
+        }))
     }
 
-    /// Asks for a graceful shutdown and waits for `run` to return.
+    /// `posts-query` on `data_dir`: connects to `nats_url`, opens both
+    /// projections and serves on a fresh loopback port.
+    ///
+    /// # Errors
+    /// When the start-up checks fail or no port can be bound.
+    pub async fn start_query(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = posts_query::Config {
+            nats_url: vec![nats_url.to_string()],
+            listen: addr,
+            data_dir: data_dir.to_path_buf(),
+            replicas: 1,
+        };
+        let state = posts_query::start(&config, addr).await?;
+        Ok(Self::spawn(addr, |stop| {
+            posts_query::run(state, listener, stop)
+        }))
+    }
+
+    /// Asks for a graceful shutdown and waits for `run` to return (the query
+    /// service's runners commit what they applied).
     ///
     /// # Errors
     /// When `run` failed or did not stop within 10 s.
@@ -243,7 +278,7 @@ impl InProcessCommand {
     }
 }
 
-impl Drop for InProcessCommand {
+impl Drop for InProcessService {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
@@ -492,7 +527,7 @@ pub fn assert_contiguous(versions: &[u64], first: u64) {
 /// a direct reader of the stream: what most command tests need.
 pub struct CommandEnv {
     pub nats: NatsServer,
-    pub service: InProcessCommand,
+    pub service: InProcessService,
     pub http: reqwest::Client,
     pub reader: StreamReader,
 }
@@ -502,7 +537,7 @@ impl CommandEnv {
     /// When nats-server or the service does not start.
     pub async fn start() -> anyhow::Result<Self> {
         let nats = start_nats().await?;
-        let service = InProcessCommand::start(&nats.url()).await?;
+        let service = InProcessService::start_command(&nats.url()).await?;
         let reader = StreamReader::connect(&nats.url()).await?;
         Ok(Self {
             nats,
@@ -675,72 +710,12 @@ pub const REPLAY_DEADLINE: Duration = Duration::from_secs(120);
 /// The projections every query service runs, by their contract names.
 pub const PROJECTION_NAMES: [&str; 2] = ["post-view", "post-search"];
 
-/// A `posts-query` running inside the test process on a real socket.
-pub struct InProcessQuery {
-    pub base_url: String,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl InProcessQuery {
-    /// Runs the service's own start-up (`posts_query::start`) on `data_dir`
-    /// and serves on a fresh loopback port.
-    ///
-    /// # Errors
-    /// When the start-up checks fail or no port can be bound.
-    pub async fn start(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let config = posts_query::Config {
-            nats_url: vec![nats_url.to_string()],
-            listen: addr,
-            data_dir: data_dir.to_path_buf(),
-            replicas: 1,
-        };
-        let state = posts_query::start(&config, addr).await?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(posts_query::run(state, listener, async {
-            let _ = rx.await;
-        }));
-        Ok(Self {
-            base_url: format!("http://{addr}"),
-            shutdown: Some(tx),
-            task: Some(task),
-        })
-    }
-
-    /// Asks for a graceful shutdown and waits for `run` to return (the
-    /// runners commit what they applied).
-    ///
-    /// # Errors
-    /// When `run` failed or did not stop within 10 s.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .context("graceful shutdown took over 10s")???;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for InProcessQuery {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
 /// A real nats-server, in-process `posts-command` and `posts-query` on it
 /// (the query service on a temp data dir), an HTTP client and a direct reader
 /// of the stream: what most query tests need.
 pub struct QueryEnv {
-    pub query: InProcessQuery,
-    pub command: InProcessCommand,
+    pub query: InProcessService,
+    pub command: InProcessService,
     pub http: reqwest::Client,
     pub reader: StreamReader,
     pub nats: NatsServer,
@@ -753,8 +728,8 @@ impl QueryEnv {
     pub async fn start() -> anyhow::Result<Self> {
         let nats = start_nats().await?;
         let data_dir = tempfile::Builder::new().prefix("query-data").tempdir()?;
-        let command = InProcessCommand::start(&nats.url()).await?;
-        let query = InProcessQuery::start(&nats.url(), data_dir.path()).await?;
+        let command = InProcessService::start_command(&nats.url()).await?;
+        let query = InProcessService::start_query(&nats.url(), data_dir.path()).await?;
         let reader = StreamReader::connect(&nats.url()).await?;
         let env = Self {
             query,

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
-use async_nats::jetstream::{self, consumer::pull::OrderedConfig};
+use async_nats::jetstream;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use reqwest::header::CONTENT_TYPE;
@@ -27,11 +26,11 @@ use crate::{Sizes, http_client, nats_pid, replay, spawn_command};
 /// Publishes in flight while writing the backlog: deep enough to keep the
 /// server busy, far below the client's 5 000 pending-ack limit.
 const BACKLOG_IN_FLIGHT: usize = 1024;
-/// The ordered consumer's pull batch, as `posts-query` follows the stream
-/// (`RunnerOptions::live`), so the raw drain reads the way the service does.
-const DRAIN_PULL_BATCH_MAX: i64 = 2_000;
-/// Idle heartbeat horizon of the drain's pull requests, as the runner's.
-const DRAIN_EXPIRES: Duration = Duration::from_secs(5);
+/// The pull batch `posts-query` follows the stream with: the raw drain uses
+/// the runner's own consumer config, so it reads the way the service does.
+fn drain_pull_batch_max() -> i64 {
+    projection::RunnerOptions::live().pull_batch_max
+}
 /// Raw drains run; the best one is the ceiling.
 const DRAIN_RUNS: usize = 2;
 /// How often catch-up progress and memory are looked at (measurement, not
@@ -117,22 +116,7 @@ async fn ordered_drain(nats_url: &str, last_seq: u64) -> anyhow::Result<f64> {
     let stream = js.get_stream("POSTS").await?;
     let started = Instant::now();
     let consumer = stream
-        .create_consumer(OrderedConfig {
-            name: None,
-            description: Some("bench raw drain".to_string()),
-            filter_subject: String::new(),
-            filter_subjects: Vec::new(),
-            replay_policy: ReplayPolicy::Instant,
-            rate_limit: 0,
-            sample_frequency: 0,
-            headers_only: false,
-            deliver_policy: DeliverPolicy::All,
-            max_waiting: 0,
-            metadata: HashMap::new(),
-            max_batch: DRAIN_PULL_BATCH_MAX,
-            max_bytes: 0,
-            max_expires: DRAIN_EXPIRES,
-        })
+        .create_consumer(projection::follower_config(1, drain_pull_batch_max()))
         .await?;
     let mut messages = consumer.messages().await?;
     // No deletes are allowed on the stream: sequences 1..=last_seq are all there.
@@ -429,12 +413,13 @@ pub fn run(
         None,
         None,
         Some(format!(
-            "best of {DRAIN_RUNS} runs ({}), pull batch {DRAIN_PULL_BATCH_MAX}{}",
+            "best of {DRAIN_RUNS} runs ({}), pull batch {}{}",
             drains
                 .iter()
                 .map(|r| format!("{r:.0}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            drain_pull_batch_max(),
             drain_error.map(|e| format!("; {e}")).unwrap_or_default()
         )),
     );

@@ -118,8 +118,8 @@ fn envelope_headers(h: Option<&HeaderMap>) -> [Option<&str>; 6] {
     out
 }
 
-fn required<'a>(found: &[Option<&'a str>; 6], i: usize) -> Result<&'a str, EnvelopeError> {
-    found[i].ok_or(EnvelopeError::Missing(ENVELOPE_HEADERS[i]))
+fn required<'a>(value: Option<&'a str>, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    value.ok_or(EnvelopeError::Missing(name))
 }
 
 impl RecordedEvent {
@@ -139,14 +139,21 @@ impl RecordedEvent {
             .filter(|id| !id.is_empty() && !id.contains('.'))
             .ok_or_else(|| EnvelopeError::Subject(subject.to_string()))?
             .to_string();
-        let found = envelope_headers(headers);
-        let event_type = required(&found, 1)?.to_string();
-        let schema_text = required(&found, 2)?;
+        let [
+            msg_id,
+            event_type,
+            schema,
+            occurred_at,
+            correlation_id,
+            causation_id,
+        ] = envelope_headers(headers);
+        let event_type = required(event_type, HEADER_EVENT_TYPE)?.to_string();
+        let schema_text = required(schema, HEADER_EVENT_SCHEMA)?;
         let schema = schema_text.parse().map_err(|_| EnvelopeError::Malformed {
             name: HEADER_EVENT_SCHEMA,
             value: schema_text.to_string(),
         })?;
-        let at_text = required(&found, 3)?;
+        let at_text = required(occurred_at, HEADER_OCCURRED_AT)?;
         let occurred_at = parse_rfc3339(at_text).map_err(|_| EnvelopeError::Malformed {
             name: HEADER_OCCURRED_AT,
             value: at_text.to_string(),
@@ -155,12 +162,12 @@ impl RecordedEvent {
             seq,
             subject: subject.to_string(),
             aggregate_id,
-            event_id: required(&found, 0)?.to_string(),
+            event_id: required(msg_id, HEADER_MSG_ID)?.to_string(),
             event_type,
             schema,
             occurred_at,
-            correlation_id: required(&found, 4)?.to_string(),
-            causation_id: required(&found, 5)?.to_string(),
+            correlation_id: required(correlation_id, HEADER_CORRELATION_ID)?.to_string(),
+            causation_id: required(causation_id, HEADER_CAUSATION_ID)?.to_string(),
             payload,
         })
     }

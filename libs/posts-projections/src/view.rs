@@ -88,20 +88,8 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
         txn.open_table(PARKED)?;
     }
     txn.commit()?;
-    let db = Arc::new(db);
-    let reader = ViewReader { db: db.clone() };
-    let checkpoint = reader.checkpoint()?;
-    let parked_total = reader.parked_total()?;
-    Ok((
-        ViewProjection {
-            db,
-            checkpoint,
-            durable: checkpoint,
-            durable_at: std::time::Instant::now(),
-            parked_total,
-        },
-        reader,
-    ))
+    let reader = ViewReader { db: Arc::new(db) };
+    Ok((writer_for(&reader)?, reader))
 }
 
 /// A writer on the store a reader already has open (redb allows one open

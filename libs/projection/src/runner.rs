@@ -77,12 +77,6 @@ impl Batch {
     }
 }
 
-/// A subscription: batches from `from` on, as long as `tx` is open.
-struct Subscribe {
-    from: u64,
-    tx: mpsc::Sender<Arc<Batch>>,
-}
-
 /// One ordered consumer on the stream, shared by every runner subscribed to
 /// it: each message is received and its envelope decoded once, however many
 /// projections follow (receiving and parsing headers was a fifth of
@@ -97,7 +91,7 @@ struct Subscribe {
 #[derive(Clone)]
 pub struct Feed {
     store: EventStore,
-    ctl: mpsc::UnboundedSender<Subscribe>,
+    ctl: mpsc::UnboundedSender<Subscriber>,
 }
 
 impl Feed {
@@ -119,11 +113,12 @@ impl Feed {
         let (tx, rx) = mpsc::channel(depth.max(1));
         // A closed feed drops `tx` with the message: the receiver then ends,
         // which the runner treats as a fault and retries.
-        let _ = self.ctl.send(Subscribe { from, tx });
+        let _ = self.ctl.send(Subscriber { next: from, tx });
         rx
     }
 }
 
+/// A subscription: batches from `next` on, as long as `tx` is open.
 struct Subscriber {
     /// First sequence it still wants.
     next: u64,
@@ -134,24 +129,18 @@ async fn feed(
     store: EventStore,
     options: RunnerOptions,
     name: String,
-    mut ctl: mpsc::UnboundedReceiver<Subscribe>,
+    mut ctl: mpsc::UnboundedReceiver<Subscriber>,
 ) {
     let mut subs: Vec<Subscriber> = Vec::new();
-    let add = |subs: &mut Vec<Subscriber>, s: Subscribe| {
-        subs.push(Subscriber {
-            next: s.from,
-            tx: s.tx,
-        });
-    };
     loop {
         if subs.is_empty() {
             match ctl.recv().await {
-                Some(s) => add(&mut subs, s),
+                Some(s) => subs.push(s),
                 None => return,
             }
         }
         while let Ok(s) = ctl.try_recv() {
-            add(&mut subs, s);
+            subs.push(s);
         }
         let Some(from) = subs.iter().map(|s| s.next).min() else {
             continue;
@@ -175,8 +164,8 @@ async fn feed(
                         return;
                     }
                     Some(s) => {
-                        let rewind = s.from < position;
-                        add(&mut subs, s);
+                        let rewind = s.next < position;
+                        subs.push(s);
                         if rewind {
                             break;
                         }
@@ -605,6 +594,30 @@ async fn fetch(
     }
 }
 
+/// The consumer a runner reads the stream with, from `start_sequence`:
+/// ordered (no server state, no acks: the checkpoint in the projection's own
+/// store is the position), pulling up to `pull_batch_max` messages a
+/// request. Public so a benchmark's raw drain reads exactly the same way.
+#[must_use]
+pub fn follower_config(start_sequence: u64, pull_batch_max: i64) -> OrderedConfig {
+    OrderedConfig {
+        name: None,
+        description: Some("projection follower".to_string()),
+        filter_subject: String::new(),
+        filter_subjects: Vec::new(),
+        replay_policy: ReplayPolicy::Instant,
+        rate_limit: 0,
+        sample_frequency: 0,
+        headers_only: false,
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+        max_waiting: 0,
+        metadata: std::collections::HashMap::new(),
+        max_batch: pull_batch_max,
+        max_bytes: 0,
+        max_expires: FETCH_EXPIRES,
+    }
+}
+
 async fn fetch_once(
     store: &EventStore,
     next: &mut u64,
@@ -617,26 +630,7 @@ async fn fetch_once(
         .await
         .map_err(|e| e.to_string())?;
     let consumer = stream
-        .create_consumer(OrderedConfig {
-            name: None,
-            description: Some("projection follower".to_string()),
-            filter_subject: String::new(),
-            filter_subjects: Vec::new(),
-            // Ordered consumers need no server state and no acks: the
-            // checkpoint in the projection's own store is the position.
-            replay_policy: ReplayPolicy::Instant,
-            rate_limit: 0,
-            sample_frequency: 0,
-            headers_only: false,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: *next,
-            },
-            max_waiting: 0,
-            metadata: std::collections::HashMap::new(),
-            max_batch: options.pull_batch_max,
-            max_bytes: 0,
-            max_expires: FETCH_EXPIRES,
-        })
+        .create_consumer(follower_config(*next, options.pull_batch_max))
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    InProcessCommand, QueryEnv, Reply, Written, event_headers, http_client, ids_of, list_all,
+    InProcessService, QueryEnv, Reply, Written, event_headers, http_client, ids_of, list_all,
     msg_header, projection, publish_event, search_all, spawn_query_process, start_nats,
     subject_for, wait_checkpoints, wait_for,
 };
@@ -822,7 +822,7 @@ async fn write_round(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_resumes_from_the_checkpoint_applying_each_event_once() -> TestResult {
     let nats = start_nats().await?;
-    let command = InProcessCommand::start(&nats.url()).await?;
+    let command = InProcessService::start_command(&nats.url()).await?;
     let http = http_client();
     let data = tempfile::Builder::new().prefix("query-restart").tempdir()?;
     let mut w = Written::default();

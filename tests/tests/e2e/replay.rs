@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    InProcessCommand, PROJECTION_NAMES, Reply, StreamReader, Written, event_headers, file_digests,
+    InProcessService, PROJECTION_NAMES, Reply, StreamReader, Written, event_headers, file_digests,
     http_client, ids_of, list_all, projection, projections, publish_event, replay_args, run_replay,
     search_all, spawn_query_process, start_nats, start_nats_with, subject_for, testkit,
     wait_checkpoints, wait_for, wait_ready,
@@ -54,7 +54,7 @@ fn rebuild_entries(data_dir: &Path) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_replay_rebuilds_both_projections_to_the_same_digest() -> TestResult {
     let nats = start_nats().await?;
-    let command = InProcessCommand::start(&nats.url()).await?;
+    let command = InProcessService::start_command(&nats.url()).await?;
     let cmd = command.base_url.clone();
     let http = http_client();
     let data = tempfile::Builder::new()
@@ -268,7 +268,7 @@ async fn online_replay_keeps_every_read_up_and_unchanged() -> TestResult {
     /// Reads each reader makes after the swap, so both stores were read.
     const READS_AFTER_SWAP_MIN: u64 = 40;
     let nats = start_nats().await?;
-    let command = InProcessCommand::start(&nats.url()).await?;
+    let command = InProcessService::start_command(&nats.url()).await?;
     let http = http_client();
     let data = tempfile::Builder::new().prefix("replay-online").tempdir()?;
     let (_query, base) = spawn_query_process(&nats.url(), data.path()).await?;
