@@ -60,9 +60,10 @@ struct Args {
     /// Where to write the JSON report (default: <target>/bench/report.json).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Run only the write side (`write`) or only the read side (`read`),
-    /// for iterating on one path; the report then lacks the other's metrics.
-    #[arg(long, value_parser = ["write", "read"])]
+    /// Run only the write side (`write`), only the read side (`read`), or
+    /// only the read side up to the end of catch-up (`catchup`), for
+    /// iterating on one path; the report then lacks the other metrics.
+    #[arg(long, value_parser = ["write", "read", "catchup"])]
     only: Option<String>,
 }
 
@@ -332,12 +333,14 @@ fn main() -> anyhow::Result<()> {
         "machine load average (1, 5, 15 min): {loadavg_at_start}; pressure (some, avg60 %): {pressure_at_start}"
     );
     let mut report = Report::default();
-    if args.only.as_deref() != Some("read") {
+    let only = args.only.as_deref();
+    if only.is_none() || only == Some("write") {
         write::run(&rt, &mut report, &sizes, &pool, true)?;
         write::run(&rt, &mut report, &sizes, &pool, false)?;
     }
-    if args.only.as_deref() != Some("write") {
-        read::run(&rt, &mut report, &sizes, &vocab, &pool)?;
+    if only != Some("write") {
+        let catch_up_only = only == Some("catchup");
+        read::run(&rt, &mut report, &sizes, &vocab, &pool, catch_up_only)?;
     }
 
     let load = format!(

@@ -364,6 +364,7 @@ pub fn run(
     sizes: &Sizes,
     vocab: &Vocabulary,
     pool: &CreatePool,
+    catch_up_only: bool,
 ) -> anyhow::Result<()> {
     println!(
         "\n== read side, nats-server with the default sync interval ({} events, {} posts)",
@@ -478,6 +479,13 @@ pub fn run(
         Some("VmHWM of posts-query at the end of catch-up".into()),
     );
     let caught_up = caught.done.is_some();
+    // The runners' own account of where catch-up time went.
+    for line in query.log().lines().filter(|l| l.contains("caught up")) {
+        println!("  posts-query: {}", line.trim());
+    }
+    if catch_up_only {
+        return Ok(());
+    }
 
     // Search over the caught-up index.
     let queries = Arc::new(corpus::search_queries(

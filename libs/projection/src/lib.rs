@@ -18,18 +18,15 @@ mod status;
 pub use runner::{Feed, Runner, RunnerOptions, drain_to, follower_config};
 pub use status::{ProjectionState, RebuildProgress, Status, StatusSnapshot};
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use eventstore::{EnvelopeError, RecordedEvent};
 
-/// One message from the stream as a projection sees it: the raw parts (for
-/// the dead-letter copy) and the decoded envelope, or why it does not decode.
+/// One message from the stream as a projection sees it: its sequence and
+/// decoded envelope, or why the envelope does not decode. The raw message is
+/// not kept (a dead-letter copy is read back from the stream by sequence):
+/// every queued event would otherwise hold its header map.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub seq: u64,
-    pub subject: String,
-    pub headers: Option<HeaderMap>,
-    pub payload: Bytes,
     pub envelope: Result<RecordedEvent, EnvelopeError>,
 }
 

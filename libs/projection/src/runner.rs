@@ -19,6 +19,11 @@ const IDLE_FLUSH: Duration = Duration::from_millis(20);
 /// ... unless the server said more is pending: then only after this long
 /// (the feed is held up by another runner or by the server).
 const IDLE_FLUSH_BEHIND: Duration = Duration::from_millis(1000);
+/// While the server has more for the follower, a batch is handed over once
+/// it holds this many events (or [`BATCH_FILL_WAIT`] passed without one):
+/// catching up, what is ready at any instant can be a few dozen messages.
+const BATCH_FILL_MIN: usize = 500;
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(5);
 /// How often the consumer's idle heartbeat is expected; missing ones make the
 /// ordered consumer recreate itself.
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
@@ -276,8 +281,11 @@ async fn supervise(
     let name = projection.name().to_string();
     let store = feed.store.clone();
     let mut backoff = BACKOFF_MIN;
-    let mut undelivered: Vec<(Parked, Incoming)> = Vec::new();
-    let mut stats = CatchUpStats::default();
+    let mut undelivered: Vec<Parked> = Vec::new();
+    let mut stats = CatchUpStats {
+        since: Some(std::time::Instant::now()),
+        ..CatchUpStats::default()
+    };
     reconcile_dlq(&store, &name, projection.parked_recent(), &mut undelivered).await;
     'restart: loop {
         let from = projection.checkpoint() + 1;
@@ -295,8 +303,9 @@ async fn supervise(
         // Messages the server had left after the last batch.
         let mut last_pending = 0;
         let mut idle_since = std::time::Instant::now();
+        // Since the last batch was done with: idle ticks count as waiting.
+        let mut waited = std::time::Instant::now();
         loop {
-            let waited = std::time::Instant::now();
             let next = tokio::select! {
                 biased;
                 _ = stop.changed() => None,
@@ -365,6 +374,7 @@ async fn supervise(
                 }
             }
             stats.wait += waited.elapsed();
+            waited = std::time::Instant::now();
             last_pending = pending_after;
             idle_since = std::time::Instant::now();
             let last = chunks.iter().map(|c| c.last_seq()).max().unwrap_or(0);
@@ -376,14 +386,18 @@ async fn supervise(
             stats.events += last + 1 - from_seq;
             stats.batches += 1;
             let started = std::time::Instant::now();
-            let (p, result, chunks) = match tokio::task::spawn_blocking(move || {
+            let (p, result) = match tokio::task::spawn_blocking(move || {
                 let items: Vec<&Incoming> = chunks
                     .iter()
                     .flat_map(|c| c.items.iter())
                     .filter(|i| i.seq >= from_seq)
                     .collect();
                 let r = projection.apply_batch(&items);
-                (projection, r, chunks)
+                // The last runner done with a batch frees it, here rather
+                // than on the runtime's threads.
+                drop(items);
+                drop(chunks);
+                (projection, r)
             })
             .await
             {
@@ -397,6 +411,7 @@ async fn supervise(
             };
             projection = p;
             stats.apply += started.elapsed();
+            waited = std::time::Instant::now();
             match result {
                 Ok(parked) => {
                     backoff = BACKOFF_MIN;
@@ -413,13 +428,7 @@ async fn supervise(
                                 reason = p.reason,
                                 "event parked"
                             );
-                            if let Some(inc) = chunks
-                                .iter()
-                                .flat_map(|c| c.items.iter())
-                                .find(|i| i.seq == p.seq)
-                            {
-                                undelivered.push((p, inc.clone()));
-                            }
+                            undelivered.push(p);
                         }
                         deliver_dlq(&store, &name, &mut undelivered).await;
                     }
@@ -458,10 +467,14 @@ async fn supervise(
 /// line tells whether a slow catch-up waited on the stream or on its store.
 #[derive(Default)]
 struct CatchUpStats {
+    /// When the runner started.
+    since: Option<std::time::Instant>,
     events: u64,
     batches: u64,
     wait: Duration,
     apply: Duration,
+    /// The flush that made it visible at the head.
+    last_flush: Duration,
     reported: bool,
 }
 
@@ -476,8 +489,10 @@ impl CatchUpStats {
             projection = name,
             events = self.events,
             batches = self.batches,
+            wall_s = self.since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
             apply_s = self.apply.as_secs_f64(),
             wait_s = self.wait.as_secs_f64(),
+            last_flush_s = self.last_flush.as_secs_f64(),
             "caught up"
         );
     }
@@ -505,7 +520,9 @@ async fn flush_visible(
     at_head: bool,
     stats: &mut CatchUpStats,
 ) -> Option<(Box<dyn Projection>, Result<bool, crate::ProjectionError>)> {
+    let started = std::time::Instant::now();
     let (p, res) = run_blocking(projection, |p| p.flush()).await?;
+    stats.last_flush = started.elapsed();
     let res = res.map(|()| {
         status.set_visible(p.visible());
         let clean = p.visible() >= applied_upto;
@@ -550,14 +567,10 @@ async fn recover(
 
 /// Takes the message apart instead of cloning its header map (a hash map
 /// per event showed up in replay profiles).
-fn to_incoming(msg: async_nats::Message, seq: u64, prefix: &str) -> Incoming {
-    let envelope = RecordedEvent::from_message(&msg, seq, prefix);
+fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
     Incoming {
         seq,
-        subject: msg.subject.to_string(),
-        headers: msg.headers,
-        payload: msg.payload,
-        envelope,
+        envelope: RecordedEvent::from_message(msg, seq, prefix),
     }
 }
 
@@ -650,30 +663,41 @@ async fn fetch_once(
             }
         };
         let mut items = Vec::new();
-        let mut pending_after = 0;
-        let mut push = |msg: async_nats::jetstream::Message,
-                        items: &mut Vec<Incoming>|
-         -> Result<(), String> {
+        // Returns what the server still had for us after this message.
+        let push = |msg: async_nats::jetstream::Message,
+                    items: &mut Vec<Incoming>,
+                    next: &mut u64|
+         -> Result<u64, String> {
             let (seq, pending) = {
                 let info = msg.info().map_err(|e| e.to_string())?;
                 (info.stream_sequence, info.pending)
             };
-            pending_after = pending;
             // A recreated consumer may resend: keep strict stream order.
             if seq >= *next && options.stop_at.is_none_or(|stop| seq <= stop) {
-                items.push(to_incoming(msg.message, seq, &prefix));
+                items.push(to_incoming(&msg.message, seq, &prefix));
                 *next = seq + 1;
             }
-            Ok(())
+            Ok(pending)
         };
-        match first {
-            Some(Ok(msg)) => push(msg, &mut items)?,
+        let mut pending_after = match first {
+            Some(Ok(msg)) => push(msg, &mut items, next)?,
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("consumer closed".into()),
-        }
+        };
         while items.len() < options.batch_events_max {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(msg))) => push(msg, &mut items)?,
+            let ready = match messages.next().now_or_never() {
+                Some(m) => Some(m),
+                // Behind the head, wait a moment for a fuller batch: tiny
+                // ones cost a wake-up and a store transaction each.
+                None if pending_after > 0 && items.len() < BATCH_FILL_MIN => {
+                    tokio::time::timeout(BATCH_FILL_WAIT, messages.next())
+                        .await
+                        .ok()
+                }
+                None => None,
+            };
+            match ready {
+                Some(Some(Ok(msg))) => pending_after = push(msg, &mut items, next)?,
                 Some(Some(Err(e))) => {
                     if !items.is_empty()
                         && tx
@@ -718,12 +742,7 @@ fn dlq_subject(name: &str, seq: u64) -> String {
 
 /// After a crash between a commit and the DLQ publish, the parked records in
 /// the store are the truth: republish the ones the DLQ lacks.
-async fn reconcile_dlq(
-    store: &EventStore,
-    name: &str,
-    parked: Vec<Parked>,
-    out: &mut Vec<(Parked, Incoming)>,
-) {
+async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out: &mut Vec<Parked>) {
     if parked.is_empty() {
         return;
     }
@@ -736,40 +755,11 @@ async fn reconcile_dlq(
             .await
         {
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
-                if let Ok(Some(raw)) = raw_message(store, p.seq).await {
-                    out.push((p, raw));
-                }
-            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => out.push(p),
             Err(_) => {}
         }
     }
     deliver_dlq(store, name, out).await;
-}
-
-async fn raw_message(store: &EventStore, seq: u64) -> Result<Option<Incoming>, String> {
-    let stream = store
-        .jetstream()
-        .get_stream(store.stream_name())
-        .await
-        .map_err(|e| e.to_string())?;
-    match stream.direct_get(seq).await {
-        Ok(m) => Ok(Some(Incoming {
-            seq,
-            subject: m.subject.to_string(),
-            headers: Some(m.headers.clone()),
-            payload: m.payload.clone(),
-            envelope: RecordedEvent::from_parts(
-                m.subject.as_str(),
-                store.subject_prefix(),
-                seq,
-                Some(&m.headers),
-                m.payload,
-            ),
-        })),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// Publishes parked events to `dlq.<projection>.<seq>`, at most one message
@@ -778,19 +768,47 @@ async fn raw_message(store: &EventStore, seq: u64) -> Result<Option<Incoming>, S
 /// crash, however long ago) is refused by the server instead of stored
 /// twice, as is a retry whose first attempt was stored. What fails
 /// otherwise stays queued for the next call.
-async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, Incoming)>) {
+///
+/// The copy is the stream's own message, read back by sequence: subject,
+/// headers and payload exactly as stored, and the runner keeps no raw
+/// headers for the events it applies (parking is rare; receiving is not).
+async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<Parked>) {
+    if queue.is_empty() {
+        return;
+    }
+    let stream = match store.jetstream().get_stream(store.stream_name()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(projection = name, error = %e, "DLQ: stream unavailable; will retry");
+            return;
+        }
+    };
     let mut kept = Vec::new();
-    for (parked, inc) in queue.drain(..) {
+    for parked in queue.drain(..) {
+        let original = match stream.direct_get(parked.seq).await {
+            Ok(m) => m,
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                tracing::warn!(
+                    projection = name,
+                    seq = parked.seq,
+                    "parked event is no longer in the stream; no DLQ copy"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(projection = name, seq = parked.seq, error = %e, "DLQ: reading the parked event failed; will retry");
+                kept.push(parked);
+                continue;
+            }
+        };
         let mut headers = HeaderMap::new();
-        if let Some(h) = &inc.headers {
-            for (k, vs) in h.iter() {
-                let key: &str = k.as_ref();
-                if key.starts_with("Nats-") {
-                    continue;
-                }
-                for v in vs {
-                    headers.append(key, v.as_str());
-                }
+        for (k, vs) in original.headers.iter() {
+            let key: &str = k.as_ref();
+            if key.starts_with("Nats-") {
+                continue;
+            }
+            for v in vs {
+                headers.append(key, v.as_str());
             }
         }
         headers.insert("Nats-Msg-Id", format!("{name}-{}", parked.seq).as_str());
@@ -801,11 +819,11 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, In
             "Parked-Reason",
             parked.reason.replace(['\r', '\n'], " ").as_str(),
         );
-        headers.insert("Original-Subject", inc.subject.as_str());
+        headers.insert("Original-Subject", original.subject.as_str());
         let sent = async {
             store
                 .jetstream()
-                .publish_with_headers(dlq_subject(name, parked.seq), headers, inc.payload.clone())
+                .publish_with_headers(dlq_subject(name, parked.seq), headers, original.payload)
                 .await?
                 .await
         }
@@ -817,7 +835,7 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<(Parked, In
                     == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => {}
             Err(e) => {
                 tracing::warn!(projection = name, seq = parked.seq, error = %e, "DLQ publish failed; will retry");
-                kept.push((parked, inc));
+                kept.push(parked);
             }
         }
     }
