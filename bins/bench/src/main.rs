@@ -290,11 +290,13 @@ fn check_binaries() -> anyhow::Result<()> {
 }
 
 /// On SIGINT or SIGTERM, kills every nats-server and service this run
-/// started before exiting: the drops that normally do it do not run when a
-/// signal ends the process. Temp dirs under the system temp dir are left.
+/// started and removes their temp dirs before exiting: the drops that
+/// normally do it do not run when a signal ends the process.
 async fn stop_on_signal() {
     servicekit::shutdown_signal().await;
-    eprintln!("bench: stopped by a signal; killing the servers and services it started");
+    eprintln!(
+        "bench: stopped by a signal; killing the servers and services it started, removing their temp dirs"
+    );
     testkit::kill_spawned();
     std::process::exit(130);
 }

@@ -426,7 +426,7 @@ pub fn run(
     );
 
     // posts-query from an empty data dir, timed from its spawn.
-    let data = tempfile::Builder::new().prefix("bench-query").tempdir()?;
+    let data = testkit::temp_dir("bench-query")?;
     let query_port = testkit::free_port();
     let query_url = format!("http://127.0.0.1:{query_port}");
     let client = http_client()?;

@@ -123,10 +123,28 @@ fn is_own_child(pid: u32) -> bool {
     })
 }
 
+/// Temp dirs made through [`temp_dir`], for [`kill_spawned`].
+static TEMP_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A temp dir under the system temp dir, removed when dropped like any
+/// `TempDir`, and also by [`kill_spawned`] (when no drop will run).
+///
+/// # Errors
+/// When the directory cannot be created.
+pub fn temp_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    if let Ok(mut dirs) = TEMP_DIRS.lock() {
+        dirs.retain(|d| d.exists());
+        dirs.push(dir.path().to_path_buf());
+    }
+    Ok(dir)
+}
+
 /// SIGKILLs every process started through this crate that is still a child
-/// of this one. Drops do the same one by one, but they do not run when a
-/// harness like `bench` is stopped by a signal: its handler calls this
-/// before exiting, so no nats-server or service outlives it.
+/// of this one, then removes the temp dirs made through [`temp_dir`]. Drops
+/// do the same one by one, but they do not run when a harness like `bench`
+/// is stopped by a signal: its handler calls this before exiting, so no
+/// nats-server, service or store outlives it.
 pub fn kill_spawned() {
     let pids = SPAWNED.lock().map(|p| p.clone()).unwrap_or_default();
     for pid in pids.into_iter().filter(|p| is_own_child(*p)) {
@@ -135,6 +153,10 @@ pub fn kill_spawned() {
         unsafe {
             libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL);
         }
+    }
+    let dirs = TEMP_DIRS.lock().map(|d| d.clone()).unwrap_or_default();
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -213,7 +235,7 @@ impl NatsServer {
     pub fn start_with(options: &NatsOptions) -> anyhow::Result<Self> {
         let mut last_err = None;
         for _ in 0..PORT_RACE_RETRIES_MAX {
-            let dir = tempfile::Builder::new().prefix("nats-test").tempdir()?;
+            let dir = temp_dir("nats-test")?;
             let store_dir = dir.path().join("store");
             let log_path = logs_dir().join(format!("{}.log", unique_name("nats")));
             let port = free_port();
@@ -359,7 +381,7 @@ impl NatsCluster {
     /// # Errors
     /// When a node does not come up in time.
     pub fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("nats-cluster").tempdir()?;
+        let dir = temp_dir("nats-cluster")?;
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
