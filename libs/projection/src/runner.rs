@@ -689,7 +689,10 @@ async fn fetch_once(
                 Some(m) => Some(m),
                 // Behind the head, wait a moment for a fuller batch: tiny
                 // ones cost a wake-up and a store transaction each.
-                None if pending_after > 0 && items.len() < BATCH_FILL_MIN => {
+                None if pending_after > 0
+                    && items.len() < BATCH_FILL_MIN
+                    && options.stop_at.is_none_or(|stop| *next <= stop) =>
+                {
                     tokio::time::timeout(BATCH_FILL_WAIT, messages.next())
                         .await
                         .ok()
