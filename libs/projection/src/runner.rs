@@ -282,10 +282,7 @@ async fn supervise(
     let store = feed.store.clone();
     let mut backoff = BACKOFF_MIN;
     let mut undelivered: Vec<Parked> = Vec::new();
-    let mut stats = CatchUpStats {
-        since: Some(std::time::Instant::now()),
-        ..CatchUpStats::default()
-    };
+    let mut stats = CatchUpStats::new();
     reconcile_dlq(&store, &name, projection.parked_recent(), &mut undelivered).await;
     'restart: loop {
         let from = projection.checkpoint() + 1;
@@ -465,10 +462,9 @@ async fn supervise(
 
 /// Where a runner's time went until it first caught up: reading the log
 /// line tells whether a slow catch-up waited on the stream or on its store.
-#[derive(Default)]
 struct CatchUpStats {
     /// When the runner started.
-    since: Option<std::time::Instant>,
+    since: std::time::Instant,
     events: u64,
     batches: u64,
     wait: Duration,
@@ -479,6 +475,18 @@ struct CatchUpStats {
 }
 
 impl CatchUpStats {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            events: 0,
+            batches: 0,
+            wait: Duration::ZERO,
+            apply: Duration::ZERO,
+            last_flush: Duration::ZERO,
+            reported: false,
+        }
+    }
+
     fn report(&mut self, name: &str, status: &Status) {
         if self.reported || status.caught_up_once() {
             self.reported = true;
@@ -489,7 +497,7 @@ impl CatchUpStats {
             projection = name,
             events = self.events,
             batches = self.batches,
-            wall_s = self.since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            wall_s = self.since.elapsed().as_secs_f64(),
             apply_s = self.apply.as_secs_f64(),
             wait_s = self.wait.as_secs_f64(),
             last_flush_s = self.last_flush.as_secs_f64(),

@@ -160,6 +160,27 @@ pub fn kill_spawned() {
     }
 }
 
+/// Starts `nats-server -c config`, output appended to `log`, and tracks it
+/// for [`kill_spawned`].
+fn spawn_nats(config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let child = Command::new(nats_bin())
+        .arg("-c")
+        .arg(config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "spawn {} (set NATS_SERVER_BIN or put it on PATH)",
+                nats_bin()
+            )
+        })?;
+    track(&child);
+    Ok(child)
+}
+
 fn kill9(child: &mut Child) {
     #[allow(
         unsafe_code,
@@ -272,25 +293,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
-        let child = Command::new(nats_bin())
-            .arg("-c")
-            .arg(&self.config_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "spawn {} (set NATS_SERVER_BIN or put it on PATH)",
-                    nats_bin()
-                )
-            })?;
-        track(&child);
-        self.child = Some(child);
+        self.child = Some(spawn_nats(&self.config_path, &self.log_path)?);
         let port = self.port;
         let name = self.server_name.clone();
         let mut exited = false;
@@ -417,20 +420,7 @@ impl NatsCluster {
 
     fn spawn_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)?;
-        let child = Command::new(nats_bin())
-            .arg("-c")
-            .arg(&node.config_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawn nats-server")?;
-        track(&child);
-        node.child = Some(child);
+        node.child = Some(spawn_nats(&node.config_path, &node.log_path)?);
         let port = node.port;
         let name = node.server_name.clone();
         wait_until(
