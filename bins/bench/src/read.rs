@@ -414,7 +414,7 @@ pub fn run(
         None,
         None,
         Some(format!(
-            "best of {DRAIN_RUNS} runs ({}), pull batch {}{}",
+            "best of {DRAIN_RUNS} runs ({}), consumer max_batch {} (async-nats pulls 500 a request){}",
             drains
                 .iter()
                 .map(|r| format!("{r:.0}"))

@@ -5,6 +5,7 @@
 //! "never existed" exactly as `post-view` does, and are never returned.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -38,8 +39,16 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
 /// than `post-view` a search sees a write.
 const FLUSH_GAP_MIN: Duration = Duration::from_millis(50);
 /// Ids remembered when the index started empty (see `SearchProjection::known`);
-/// past this, about 150 MB, fall back to index lookups.
+/// past this, about 40 MB, fall back to index lookups.
 const KNOWN_IDS_MAX: usize = 2_000_000;
+/// Tantivy indexing threads, sharing the writer heap. Indexing is most of
+/// `post-search`'s CPU, and a commit makes the writer finish, serialise and
+/// fsync every thread's segment while the runner waits: with one thread,
+/// catch-up profiles showed a core idle through each commit (~0.3 s a
+/// second) and the indexing thread as the critical path. Two segments per
+/// commit cost more index lookups per update and more merging, which one
+/// core of headroom pays for (see `just bench`).
+const INDEXING_THREADS: usize = 2;
 /// Indexing heap for live following: small, the memory target is 512 MB.
 pub const WRITER_HEAP_LIVE_BYTES: usize = 64 * 1024 * 1024;
 /// Indexing heap for a replay: bigger segments, fewer merges.
@@ -163,7 +172,7 @@ pub fn open(
         .reader_builder()
         .reload_policy(ReloadPolicy::Manual)
         .try_into()?;
-    let writer = index.writer_with_num_threads(1, writer_heap_bytes)?;
+    let writer = index.writer_with_num_threads(INDEXING_THREADS, writer_heap_bytes)?;
     let search_reader = SearchReader {
         index: index.clone(),
         reader,
@@ -180,6 +189,7 @@ pub fn open(
             pending: foldhash::HashMap::default(),
             known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
                 .then(foldhash::HashSet::default),
+            fingerprint: foldhash::quality::RandomState::default(),
             last_commit: Instant::now(),
         },
         search_reader,
@@ -202,10 +212,15 @@ pub struct SearchProjection {
     /// lookups.
     pending: foldhash::HashMap<String, Doc>,
     /// When the index was opened empty (a catch-up from scratch, a replay),
-    /// every post it holds went through this process. An id not in here
-    /// does not exist, so a create needs neither an index lookup nor a delete
-    /// term. `None` once that knowledge is lost (recover, cap).
-    known: Option<foldhash::HashSet<String>>,
+    /// every post it holds went through this process. An id whose
+    /// fingerprint is not in here does not exist, so a create needs neither
+    /// an index lookup nor a delete term; a fingerprint that is in here may
+    /// be a collision, so it only sends the lookup to the index. 64-bit
+    /// fingerprints instead of the ids: a sixth of the memory (~50 MB at 1M
+    /// events with the ids). `None` once that knowledge is lost (recover, cap).
+    known: Option<foldhash::HashSet<u64>>,
+    /// Per-process seed of the fingerprints.
+    fingerprint: foldhash::quality::RandomState,
     last_commit: Instant,
 }
 
@@ -214,7 +229,11 @@ impl SearchProjection {
         if let Some(d) = self.pending.get(id) {
             return Ok(Some(d.clone()));
         }
-        if self.known.as_ref().is_some_and(|k| !k.contains(id)) {
+        if self
+            .known
+            .as_ref()
+            .is_some_and(|k| !k.contains(&self.fingerprint.hash_one(id)))
+        {
             return Ok(None);
         }
         self.reader.get(id).map_err(ProjectionError::new)
@@ -296,7 +315,7 @@ impl SearchProjection {
             .map_err(ProjectionError::new)?;
         if let Some(known) = &mut self.known {
             if known.len() < KNOWN_IDS_MAX {
-                known.insert(id.clone());
+                known.insert(self.fingerprint.hash_one(&id));
             } else {
                 self.known = None;
             }

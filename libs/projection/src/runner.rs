@@ -28,10 +28,17 @@ const BATCH_FILL_WAIT: Duration = Duration::from_millis(5);
 /// ordered consumer recreate itself.
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 /// A follower handed nothing for this long while the stream holds events past
-/// its position is presumed lost and recreated: a restarted nats-server
+/// its position is presumed lost and recreated (from the next sequence, as
+/// the library's own recovery does). Two causes: a restarted nats-server
 /// forgets ephemeral consumers, and the client library notices only after
-/// ~15 s (five consumer-info retries on reconnect).
-const STALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// ~15 s (five consumer-info retries on reconnect); and async-nats 0.51's
+/// pull stream can stop pulling mid-backlog, at a 500-message boundary, when
+/// a pull request's acknowledgement reaches the stream after messages of
+/// that pull (its pending count saturates at zero, then overshoots; a
+/// loaded 2-core machine hit it in about one catch-up in five). The library
+/// recovers only after two missed heartbeats, 2 × `FETCH_EXPIRES`. A false
+/// alarm (a delivery gap this long under load) costs one consumer re-creation.
+const STALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -39,7 +46,9 @@ pub struct RunnerOptions {
     pub batch_events_max: usize,
     /// Batches fetched ahead while one is being applied.
     pub batches_ahead_max: usize,
-    /// Events the server sends per pull request.
+    /// The consumer's `max_batch`: a cap on one pull request. async-nats
+    /// 0.51's ordered stream asks for 500 messages a pull whatever this is,
+    /// so values of 500 and more all read 500 at a time.
     pub pull_batch_max: i64,
     /// Apply nothing past this sequence (aligning two stores to one checkpoint).
     pub stop_at: Option<u64>,
@@ -618,8 +627,9 @@ async fn fetch(
 
 /// The consumer a runner reads the stream with, from `start_sequence`:
 /// ordered (no server state, no acks: the checkpoint in the projection's own
-/// store is the position), pulling up to `pull_batch_max` messages a
-/// request. Public so a benchmark's raw drain reads exactly the same way.
+/// store is the position), with pull requests capped at `pull_batch_max`
+/// messages (the library asks for at most 500). Public so a benchmark's raw
+/// drain reads exactly the same way.
 #[must_use]
 pub fn follower_config(start_sequence: u64, pull_batch_max: i64) -> OrderedConfig {
     OrderedConfig {
