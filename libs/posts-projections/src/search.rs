@@ -41,6 +41,10 @@ const FLUSH_GAP_MIN: Duration = Duration::from_millis(50);
 /// Ids remembered when the index started empty (see `SearchProjection::known`);
 /// past this, about 40 MB, fall back to index lookups.
 const KNOWN_IDS_MAX: usize = 2_000_000;
+/// Documents changed since the last commit kept for re-reading (see
+/// `SearchProjection::pending`): the last 8-16k, which re-edits of a post
+/// within a commit interval hit.
+const PENDING_DOCS_MAX: usize = 16_384;
 /// Tantivy indexing threads, sharing the writer heap. Indexing is most of
 /// `post-search`'s CPU, and a commit makes the writer finish, serialise and
 /// fsync every thread's segment while the runner waits: with one thread,
@@ -187,6 +191,8 @@ pub fn open(
             parked_total: payload.parked_total,
             parked_recent: payload.parked_recent,
             pending: foldhash::HashMap::default(),
+            pending_old: foldhash::HashMap::default(),
+            touched: foldhash::HashSet::default(),
             known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
                 .then(foldhash::HashSet::default),
             fingerprint: foldhash::quality::RandomState::default(),
@@ -206,11 +212,19 @@ pub struct SearchProjection {
     applied: u64,
     parked_total: u64,
     parked_recent: Vec<Parked>,
-    /// Documents changed since the last commit (invisible to the searcher).
-    /// foldhash: SipHash over these ids and `known` showed in catch-up
-    /// profiles, and the keys are our own post ids, not attacker-chosen
-    /// lookups.
+    /// The latest documents changed since the last commit (invisible to the
+    /// searcher), in two generations of up to `PENDING_DOCS_MAX / 2`: an
+    /// update of a post changed since the last commit reads it from here.
+    /// Bounded because holding every document of a commit interval was
+    /// ~45 MB at catch-up speed. foldhash: SipHash over these ids and
+    /// `known` showed in catch-up profiles, and the keys are our own post
+    /// ids, not attacker-chosen lookups.
     pending: foldhash::HashMap<String, Doc>,
+    pending_old: foldhash::HashMap<String, Doc>,
+    /// Fingerprints of every id changed since the last commit: one that is
+    /// no longer in `pending` makes the next change of it commit first, so
+    /// that the index has its document.
+    touched: foldhash::HashSet<u64>,
     /// When the index was opened empty (a catch-up from scratch, a replay),
     /// every post it holds went through this process. An id whose
     /// fingerprint is not in here does not exist, so a create needs neither
@@ -225,15 +239,16 @@ pub struct SearchProjection {
 }
 
 impl SearchProjection {
-    fn current(&self, id: &str) -> Result<Option<Doc>, ProjectionError> {
-        if let Some(d) = self.pending.get(id) {
+    fn current(&mut self, id: &str, fp: u64) -> Result<Option<Doc>, ProjectionError> {
+        if let Some(d) = self.pending.get(id).or_else(|| self.pending_old.get(id)) {
             return Ok(Some(d.clone()));
         }
-        if self
-            .known
-            .as_ref()
-            .is_some_and(|k| !k.contains(&self.fingerprint.hash_one(id)))
-        {
+        if self.touched.contains(&fp) {
+            // Changed since the last commit, and its document let go (or a
+            // fingerprint collision): commit, so the index has it.
+            self.commit()?;
+        }
+        if self.known.as_ref().is_some_and(|k| !k.contains(&fp)) {
             return Ok(None);
         }
         self.reader.get(id).map_err(ProjectionError::new)
@@ -246,7 +261,8 @@ impl SearchProjection {
         };
         let id = env.aggregate_id.clone();
         let at = micros(env.occurred_at);
-        let current = self.current(&id)?;
+        let fp = self.fingerprint.hash_one(&id);
+        let current = self.current(&id, fp)?;
         let existed = current.is_some();
         let doc = match (current, event) {
             (
@@ -315,10 +331,14 @@ impl SearchProjection {
             .map_err(ProjectionError::new)?;
         if let Some(known) = &mut self.known {
             if known.len() < KNOWN_IDS_MAX {
-                known.insert(self.fingerprint.hash_one(&id));
+                known.insert(fp);
             } else {
                 self.known = None;
             }
+        }
+        self.touched.insert(fp);
+        if self.pending.len() >= PENDING_DOCS_MAX / 2 {
+            self.pending_old = std::mem::take(&mut self.pending);
         }
         self.pending.insert(id, doc);
         Ok(Ok(()))
@@ -342,6 +362,8 @@ impl SearchProjection {
         self.reader.reader.reload().map_err(ProjectionError::new)?;
         self.checkpoint = self.applied;
         self.pending.clear();
+        self.pending_old.clear();
+        self.touched.clear();
         self.last_commit = Instant::now();
         Ok(())
     }
@@ -413,18 +435,19 @@ impl Projection for SearchProjection {
                 self.applied
             );
             if let Err(reason) = self.apply_one(incoming)? {
-                parked.push(Parked {
+                let p = Parked {
                     seq: incoming.seq,
                     reason,
-                });
+                };
+                // Recorded at once: `apply_one` may commit mid-batch, and a
+                // commit's payload must hold every parked event it covers.
+                self.parked_total += 1;
+                self.parked_recent.push(p.clone());
+                let excess = self.parked_recent.len().saturating_sub(PARKED_RECENT_MAX);
+                self.parked_recent.drain(..excess);
+                parked.push(p);
             }
             self.applied = incoming.seq;
-        }
-        if !parked.is_empty() {
-            self.parked_total += parked.len() as u64;
-            self.parked_recent.extend(parked.iter().cloned());
-            let excess = self.parked_recent.len().saturating_sub(PARKED_RECENT_MAX);
-            self.parked_recent.drain(..excess);
         }
         if self.last_commit.elapsed() >= COMMIT_INTERVAL {
             self.commit()?;
@@ -460,6 +483,8 @@ impl Projection for SearchProjection {
         self.parked_total = payload.parked_total;
         self.parked_recent = payload.parked_recent;
         self.pending.clear();
+        self.pending_old.clear();
+        self.touched.clear();
         Ok(())
     }
 
@@ -992,6 +1017,64 @@ mod tests {
                 .is_none(),
             "a phrase is counted by tantivy"
         );
+    }
+
+    fn incoming(seq: u64, id: &str, event: &posts::Event) -> Incoming {
+        let (event_type, schema, payload) = posts::encode(event);
+        Incoming {
+            seq,
+            envelope: Ok(eventstore::RecordedEvent {
+                seq,
+                subject: format!("posts.{id}"),
+                aggregate_id: id.to_string(),
+                event_id: format!("e{seq}"),
+                event_type: event_type.to_string(),
+                schema,
+                occurred_at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+                correlation_id: format!("c{seq}"),
+                causation_id: format!("c{seq}"),
+                payload: bytes::Bytes::from(payload),
+            }),
+        }
+    }
+
+    /// A post changed earlier in the same commit interval, whose document
+    /// has since left the bounded `pending` set, is still updated (the
+    /// update commits first and reads it from the index), not parked as
+    /// absent.
+    #[test]
+    fn an_update_after_pending_let_the_document_go_still_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let created = |n: usize| posts::Event::Created {
+            title: format!("title {n}"),
+            content: format!("content number {n}"),
+            author_name: "ann".to_string(),
+        };
+        let mut events = vec![incoming(1, "first", &created(0))];
+        for n in 1..=PENDING_DOCS_MAX {
+            let seq = events.len() as u64 + 1;
+            events.push(incoming(seq, &format!("p{n}"), &created(n)));
+        }
+        let seq = events.len() as u64 + 1;
+        events.push(incoming(
+            seq,
+            "first",
+            &posts::Event::Updated {
+                title: Some("retitled".to_string()),
+                content: None,
+                author_name: None,
+            },
+        ));
+        let batch: Vec<&Incoming> = events.iter().collect();
+        let parked = p.apply_batch(&batch).unwrap();
+        assert!(parked.is_empty(), "parked: {parked:?}");
+        p.flush().unwrap();
+        let doc = reader.get("first").unwrap().unwrap();
+        assert_eq!(doc.title, "retitled");
+        assert_eq!(doc.content, "content number 0");
+        assert_eq!(doc.version, 2);
+        assert_eq!(reader.checkpoint().unwrap(), seq);
     }
 
     #[test]
