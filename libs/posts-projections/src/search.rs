@@ -50,8 +50,9 @@ const PENDING_DOCS_MAX: usize = 16_384;
 /// fsync every thread's segment while the runner waits: with one thread,
 /// catch-up profiles showed a core idle through each commit (~0.3 s a
 /// second) and the indexing thread as the critical path. Two segments per
-/// commit cost more index lookups per update and more merging, which one
-/// core of headroom pays for (see `just bench`).
+/// commit cost more CPU per event (index lookups per update, merging: 29 to
+/// 30-32 us in `posts-query`), less than the idle core gave back (catch-up
+/// 0.39-0.42 to 0.45-0.48 of the raw drain in `bench --only catchup`).
 const INDEXING_THREADS: usize = 2;
 /// Indexing heap for live following: small, the memory target is 512 MB.
 pub const WRITER_HEAP_LIVE_BYTES: usize = 64 * 1024 * 1024;
@@ -254,6 +255,14 @@ impl SearchProjection {
         self.reader.get(id).map_err(ProjectionError::new)
     }
 
+    /// Everything known about changes since the last commit: after a commit
+    /// the index has them; after a rollback they never happened.
+    fn forget_pending(&mut self) {
+        self.pending.clear();
+        self.pending_old.clear();
+        self.touched.clear();
+    }
+
     fn apply_one(&mut self, incoming: &Incoming) -> Result<Result<(), String>, ProjectionError> {
         let (env, event) = match decode(incoming) {
             Ok(v) => v,
@@ -361,9 +370,7 @@ impl SearchProjection {
         crate::failpoint("search-after-commit");
         self.reader.reader.reload().map_err(ProjectionError::new)?;
         self.checkpoint = self.applied;
-        self.pending.clear();
-        self.pending_old.clear();
-        self.touched.clear();
+        self.forget_pending();
         self.last_commit = Instant::now();
         Ok(())
     }
@@ -482,9 +489,7 @@ impl Projection for SearchProjection {
         self.applied = payload.checkpoint;
         self.parked_total = payload.parked_total;
         self.parked_recent = payload.parked_recent;
-        self.pending.clear();
-        self.pending_old.clear();
-        self.touched.clear();
+        self.forget_pending();
         Ok(())
     }
 

@@ -34,8 +34,9 @@ const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 /// ~15 s (five consumer-info retries on reconnect); and async-nats 0.51's
 /// pull stream can stop pulling mid-backlog, at a 500-message boundary, when
 /// a pull request's acknowledgement reaches the stream after messages of
-/// that pull (its pending count saturates at zero, then overshoots; a
-/// loaded 2-core machine hit it in about one catch-up in five). The library
+/// that pull (its pending count saturates at zero, then overshoots; `just
+/// bench` on a loaded 2-core machine hit it in about one catch-up in 30,
+/// always at sequence 500k + 1). The library
 /// recovers only after two missed heartbeats, 2 × `FETCH_EXPIRES`. A false
 /// alarm (a delivery gap this long under load) costs one consumer re-creation.
 const STALL_TIMEOUT: Duration = Duration::from_millis(500);
