@@ -122,7 +122,7 @@ impl PhaseCost {
         let parts: Vec<String> = self
             .cpu_s
             .iter()
-            .map(|(name, s)| format!("{name} {:.0}", s * 1e6 / ops))
+            .map(|(name, s)| format!("{name} {:.1}", s * 1e6 / ops))
             .collect();
         format!("CPU us/{what}: {}", parts.join(", "))
     }

@@ -49,6 +49,28 @@ pub fn format_micros(us: i64) -> String {
         .unwrap_or_default()
 }
 
+/// One event as the feed hands it over, for unit tests: post `id`,
+/// occurring `at_s` seconds after the Unix epoch.
+#[cfg(test)]
+fn incoming_at(seq: u64, id: &str, at_s: i64, event: &Event) -> Incoming {
+    let (event_type, schema, payload) = posts::encode(event);
+    Incoming {
+        seq,
+        envelope: Ok(RecordedEvent {
+            seq,
+            subject: format!("posts.{id}"),
+            aggregate_id: id.to_string(),
+            event_id: format!("e{seq}"),
+            event_type: event_type.to_string(),
+            schema,
+            occurred_at: time::OffsetDateTime::from_unix_timestamp(at_s).unwrap(),
+            correlation_id: format!("c{seq}"),
+            causation_id: format!("c{seq}"),
+            payload: bytes::Bytes::from(payload),
+        }),
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

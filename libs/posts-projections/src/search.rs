@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{
-    BooleanQuery, BoostQuery, FuzzyTermQuery, Occur, PhraseQuery, Query, TermQuery,
+    BooleanQuery, BoostQuery, ConstScorer, EmptyScorer, EnableScoring, FuzzyTermQuery, Occur,
+    PhraseQuery, Query, Scorer, TermQuery, Weight,
 };
 use tantivy::schema::{Field, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
 use tantivy::snippet::SnippetGenerator;
@@ -332,8 +333,12 @@ impl SearchProjection {
         };
         let f = self.reader.fields;
         if existed {
+            // `delete_term` builds a scored `TermQuery` weight per delete (a
+            // 256-entry BM25 cache and an explanation, about a microsecond),
+            // and tantivy applies it once per segment; an id needs no score.
             self.writer
-                .delete_term(Term::from_field_text(f.post_id, &id));
+                .delete_query(Box::new(DeleteById(Term::from_field_text(f.post_id, &id))))
+                .map_err(ProjectionError::new)?;
         }
         self.writer
             .add_document(to_tantivy(&doc, f))
@@ -376,8 +381,50 @@ impl SearchProjection {
     }
 }
 
+/// Matches the documents holding one exact term, unscored: what an upsert
+/// deletes. The same as `IndexWriter::delete_term` without its BM25 weight.
+#[derive(Debug, Clone)]
+struct DeleteById(Term);
+
+impl Query for DeleteById {
+    fn weight(&self, _: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+impl Weight for DeleteById {
+    fn scorer(
+        &self,
+        reader: &tantivy::SegmentReader,
+        boost: tantivy::Score,
+    ) -> tantivy::Result<Box<dyn Scorer>> {
+        let postings = reader
+            .inverted_index(self.0.field())?
+            .read_postings(&self.0, IndexRecordOption::Basic)?;
+        Ok(match postings {
+            Some(p) => Box::new(ConstScorer::new(p, boost)),
+            None => Box::new(EmptyScorer),
+        })
+    }
+
+    fn explain(
+        &self,
+        _: &tantivy::SegmentReader,
+        _: tantivy::DocId,
+    ) -> tantivy::Result<tantivy::query::Explanation> {
+        Err(tantivy::TantivyError::InvalidArgument(
+            "a delete by id has no score to explain".into(),
+        ))
+    }
+}
+
 fn to_tantivy(doc: &Doc, f: Fields) -> TantivyDocument {
-    let mut t = TantivyDocument::default();
+    // Every value's bytes, so the document is built without regrowing.
+    let text_bytes = doc.post_id.len()
+        + doc.author_name.len()
+        + (TITLE_REPEAT + 1) * doc.title.len()
+        + 2 * doc.content.len();
+    let mut t = TantivyDocument::with_capacity(text_bytes + 128);
     t.add_text(f.post_id, &doc.post_id);
     if !doc.deleted {
         t.add_text(f.title, &doc.title);
@@ -1025,22 +1072,7 @@ mod tests {
     }
 
     fn incoming(seq: u64, id: &str, event: &posts::Event) -> Incoming {
-        let (event_type, schema, payload) = posts::encode(event);
-        Incoming {
-            seq,
-            envelope: Ok(eventstore::RecordedEvent {
-                seq,
-                subject: format!("posts.{id}"),
-                aggregate_id: id.to_string(),
-                event_id: format!("e{seq}"),
-                event_type: event_type.to_string(),
-                schema,
-                occurred_at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
-                correlation_id: format!("c{seq}"),
-                causation_id: format!("c{seq}"),
-                payload: bytes::Bytes::from(payload),
-            }),
-        }
+        crate::incoming_at(seq, id, 1_700_000_000, event)
     }
 
     /// A post changed earlier in the same commit interval, whose document
@@ -1080,6 +1112,9 @@ mod tests {
         assert_eq!(doc.content, "content number 0");
         assert_eq!(doc.version, 2);
         assert_eq!(reader.checkpoint().unwrap(), seq);
+        // The upsert deleted the first version: one document per post.
+        let live = PENDING_DOCS_MAX as u64 + 1;
+        assert_eq!(reader.reader.searcher().num_docs(), live);
     }
 
     #[test]
