@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use posts::Event;
@@ -14,6 +15,7 @@ use projection::{Incoming, Parked, Projection, ProjectionError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tantivy::collector::{Count, TopDocs};
+use tantivy::index::SegmentId;
 use tantivy::query::{
     BooleanQuery, BoostQuery, ConstScorer, EmptyScorer, EnableScoring, FuzzyTermQuery, Occur,
     PhraseQuery, Query, Scorer, TermQuery, Weight,
@@ -199,6 +201,7 @@ pub fn open(
                 .then(foldhash::HashSet::default),
             fingerprint: foldhash::quality::RandomState::default(),
             last_commit: Instant::now(),
+            seen: (u64::MAX, Arc::from(Vec::new())),
         },
         search_reader,
     ))
@@ -238,12 +241,33 @@ pub struct SearchProjection {
     /// Per-process seed of the fingerprints.
     fingerprint: foldhash::quality::RandomState,
     last_commit: Instant,
+    /// The segments the searcher held when each delete below was decided,
+    /// by searcher generation (see [`Where`]).
+    seen: (u64, Arc<[SegmentId]>),
+}
+
+/// Where the document an upsert replaces is, as far as the deletes go.
+enum Where {
+    /// Not found: nothing to delete.
+    Nowhere,
+    /// In the committed segment `holder`; none of the other `seen` segments
+    /// (the searcher's) has a live document of the post.
+    Committed {
+        holder: SegmentId,
+        seen: Arc<[SegmentId]>,
+    },
+    /// Changed since the last commit: earlier versions in the `seen`
+    /// segments were deleted by the changes since, so only segments written
+    /// since (flushed or merged) can hold it.
+    Uncommitted { seen: Arc<[SegmentId]> },
 }
 
 impl SearchProjection {
-    fn current(&mut self, id: &str, fp: u64) -> Result<Option<Doc>, ProjectionError> {
+    /// The post's document now, and where the one to delete is.
+    fn current(&mut self, id: &str, fp: u64) -> Result<(Option<Doc>, Where), ProjectionError> {
         if let Some(d) = self.pending.get(id).or_else(|| self.pending_old.get(id)) {
-            return Ok(Some(d.clone()));
+            let d = d.clone();
+            return Ok((Some(d), self.uncommitted()));
         }
         if self.touched.contains(&fp) {
             // Changed since the last commit, and its document let go (or a
@@ -251,9 +275,44 @@ impl SearchProjection {
             self.commit()?;
         }
         if self.known.as_ref().is_some_and(|k| !k.contains(&fp)) {
-            return Ok(None);
+            return Ok((None, Where::Nowhere));
         }
-        self.reader.get(id).map_err(ProjectionError::new)
+        let searcher = self.reader.reader.searcher();
+        let found = self
+            .reader
+            .locate(&searcher, id)
+            .map_err(ProjectionError::new)?;
+        Ok(match found {
+            Some((holder, doc)) => (
+                Some(doc),
+                Where::Committed {
+                    holder,
+                    seen: self.seen_by(&searcher),
+                },
+            ),
+            None => (None, Where::Nowhere),
+        })
+    }
+
+    fn uncommitted(&mut self) -> Where {
+        let searcher = self.reader.reader.searcher();
+        Where::Uncommitted {
+            seen: self.seen_by(&searcher),
+        }
+    }
+
+    /// The segments of `searcher`, computed once per generation.
+    fn seen_by(&mut self, searcher: &tantivy::Searcher) -> Arc<[SegmentId]> {
+        let generation = searcher.generation().generation_id();
+        if self.seen.0 != generation {
+            let ids: Vec<SegmentId> = searcher
+                .segment_readers()
+                .iter()
+                .map(tantivy::SegmentReader::segment_id)
+                .collect();
+            self.seen = (generation, Arc::from(ids));
+        }
+        self.seen.1.clone()
     }
 
     /// Everything known about changes since the last commit: after a commit
@@ -272,8 +331,7 @@ impl SearchProjection {
         let id = env.aggregate_id.clone();
         let at = micros(env.occurred_at);
         let fp = self.fingerprint.hash_one(&id);
-        let current = self.current(&id, fp)?;
-        let existed = current.is_some();
+        let (current, replaces) = self.current(&id, fp)?;
         let doc = match (current, event) {
             (
                 None,
@@ -332,12 +390,13 @@ impl SearchProjection {
             }
         };
         let f = self.reader.fields;
-        if existed {
-            // `delete_term` builds a scored `TermQuery` weight per delete (a
-            // 256-entry BM25 cache and an explanation, about a microsecond),
-            // and tantivy applies it once per segment; an id needs no score.
+        if !matches!(replaces, Where::Nowhere) {
+            let delete = DeleteById {
+                term: Term::from_field_text(f.post_id, &id),
+                replaces: Arc::new(replaces),
+            };
             self.writer
-                .delete_query(Box::new(DeleteById(Term::from_field_text(f.post_id, &id))))
+                .delete_query(Box::new(delete))
                 .map_err(ProjectionError::new)?;
         }
         self.writer
@@ -381,10 +440,34 @@ impl SearchProjection {
     }
 }
 
-/// Matches the documents holding one exact term, unscored: what an upsert
-/// deletes. The same as `IndexWriter::delete_term` without its BM25 weight.
-#[derive(Debug, Clone)]
-struct DeleteById(Term);
+/// What an upsert deletes: the documents of one post id, unscored, in the
+/// segments that can hold it. `IndexWriter::delete_term` built a scored
+/// `TermQuery` weight per delete (a 256-entry BM25 cache and an
+/// explanation, about a microsecond), and tantivy looked the id up in every
+/// segment, at every commit, on one thread: most of the time the final
+/// commit of a catch-up left a core idle.
+#[derive(Clone)]
+struct DeleteById {
+    term: Term,
+    replaces: Arc<Where>,
+}
+
+impl std::fmt::Debug for DeleteById {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeleteById({:?})", self.term)
+    }
+}
+
+impl DeleteById {
+    /// Whether the segment cannot hold a live document of the post.
+    fn passes_over(&self, segment: SegmentId) -> bool {
+        match &*self.replaces {
+            Where::Committed { holder, seen } => segment != *holder && seen.contains(&segment),
+            Where::Uncommitted { seen } => seen.contains(&segment),
+            Where::Nowhere => false,
+        }
+    }
+}
 
 impl Query for DeleteById {
     fn weight(&self, _: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
@@ -398,9 +481,12 @@ impl Weight for DeleteById {
         reader: &tantivy::SegmentReader,
         boost: tantivy::Score,
     ) -> tantivy::Result<Box<dyn Scorer>> {
+        if self.passes_over(reader.segment_id()) {
+            return Ok(Box::new(EmptyScorer));
+        }
         let postings = reader
-            .inverted_index(self.0.field())?
-            .read_postings(&self.0, IndexRecordOption::Basic)?;
+            .inverted_index(self.term.field())?
+            .read_postings(&self.term, IndexRecordOption::Basic)?;
         Ok(match postings {
             Some(p) => Box::new(ConstScorer::new(p, boost)),
             None => Box::new(EmptyScorer),
@@ -519,6 +605,8 @@ impl Projection for SearchProjection {
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
         self.writer.rollback().map_err(ProjectionError::new)?;
+        // A commit whose reload failed left the searcher behind the index.
+        self.reader.reader.reload().map_err(ProjectionError::new)?;
         // Rolled-back ids may be in `known`: stop trusting it.
         self.known = None;
         let payload: CommitPayload = self
@@ -704,10 +792,20 @@ impl SearchReader {
     /// # Errors
     /// When the index cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<Doc>, SearchError> {
+        Ok(self
+            .locate(&self.reader.searcher(), id)?
+            .map(|(_, doc)| doc))
+    }
+
+    /// The post's live document and the segment holding it.
+    fn locate(
+        &self,
+        searcher: &tantivy::Searcher,
+        id: &str,
+    ) -> Result<Option<(SegmentId, Doc)>, SearchError> {
         // Straight from the id's postings: a scored `TermQuery` built BM25
         // statistics over every segment first, for each update applied.
         let idx = |e: std::io::Error| SearchError::Index(e.to_string());
-        let searcher = self.reader.searcher();
         let term = Term::from_field_text(self.fields.post_id, id);
         for (ord, segment) in searcher.segment_readers().iter().enumerate() {
             let postings = segment
@@ -722,7 +820,8 @@ impl SearchReader {
             while doc != tantivy::TERMINATED {
                 if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
                     let ord = u32::try_from(ord).unwrap_or(u32::MAX);
-                    return Ok(Some(self.doc(&searcher, DocAddress::new(ord, doc))?));
+                    let found = self.doc(searcher, DocAddress::new(ord, doc))?;
+                    return Ok(Some((segment.segment_id(), found)));
                 }
                 doc = postings.advance();
             }
@@ -1115,6 +1214,75 @@ mod tests {
         // The upsert deleted the first version: one document per post.
         let live = PENDING_DOCS_MAX as u64 + 1;
         assert_eq!(reader.reader.searcher().num_docs(), live);
+    }
+
+    /// Upserts delete the replaced document wherever it is: in a committed
+    /// segment, in one written since the last commit, and in a segment a
+    /// merge made out of the one it was found in after the delete was
+    /// decided.
+    #[test]
+    fn upserts_leave_one_document_per_post_across_segments_and_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let mut seq = 0;
+        let mut next = |id: usize, event: posts::Event| {
+            seq += 1;
+            incoming(seq, &format!("p{id}"), &event)
+        };
+        let update = |n: usize| posts::Event::Updated {
+            title: None,
+            content: Some(format!("revision {n}")),
+            author_name: None,
+        };
+        // Three committed segments of 100 posts.
+        for part in 0..3 {
+            let events: Vec<Incoming> = (part * 100..part * 100 + 100)
+                .map(|i| {
+                    next(
+                        i,
+                        posts::Event::Created {
+                            title: format!("title {i}"),
+                            content: "revision 0".into(),
+                            author_name: "ann".into(),
+                        },
+                    )
+                })
+                .collect();
+            assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+            p.commit().unwrap();
+        }
+        let segments = reader.reader.searcher().segment_readers().len();
+        assert!(segments >= 3, "{segments} segments");
+        // Every post updated from its committed segment, then half of them
+        // again (from the pending documents) in the same interval.
+        let mut events: Vec<Incoming> = (0..300).map(|i| next(i, update(1))).collect();
+        events.extend((0..300).step_by(2).map(|i| next(i, update(2))));
+        assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+        // Merge the segments the deletes were decided against before they
+        // are committed: the merged segment is not one they passed over.
+        let ids: Vec<SegmentId> = reader
+            .reader
+            .searcher()
+            .segment_readers()
+            .iter()
+            .map(tantivy::SegmentReader::segment_id)
+            .collect();
+        p.writer.merge(&ids).wait().unwrap();
+        p.commit().unwrap();
+        let searcher = reader.reader.searcher();
+        assert_eq!(searcher.num_docs(), 300);
+        for i in 0..300 {
+            let doc = reader.get(&format!("p{i}")).unwrap().unwrap();
+            let expected = if i % 2 == 0 { 2 } else { 1 };
+            assert_eq!(doc.content, format!("revision {expected}"), "p{i}");
+            assert_eq!(doc.version, expected as u64 + 1);
+        }
+        // And once more, now from the merged segment and the new ones.
+        let events: Vec<Incoming> = (0..300).map(|i| next(i, update(3))).collect();
+        assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+        p.commit().unwrap();
+        assert_eq!(reader.reader.searcher().num_docs(), 300);
+        assert_eq!(reader.get("p7").unwrap().unwrap().content, "revision 3");
     }
 
     #[test]
