@@ -169,6 +169,11 @@ pub fn open(
             })
             .create_in_dir(dir)?,
     };
+    // Tokenizers are not stored with the index: the same one for every
+    // writer and reader of it, under the name `TEXT` fields use.
+    index
+        .tokenizers()
+        .register("default", crate::tokenizer::PostTokenizer::default());
     let payload: CommitPayload = index
         .load_metas()?
         .payload
@@ -411,7 +416,9 @@ impl SearchProjection {
         }
         self.touched.insert(fp);
         if self.pending.len() >= PENDING_DOCS_MAX / 2 {
-            self.pending_old = std::mem::take(&mut self.pending);
+            // The older generation goes; both tables keep their capacity.
+            std::mem::swap(&mut self.pending, &mut self.pending_old);
+            self.pending.clear();
         }
         self.pending.insert(id, doc);
         Ok(Ok(()))
@@ -1248,7 +1255,11 @@ mod tests {
                     )
                 })
                 .collect();
-            assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+            assert!(
+                p.apply_batch(&events.iter().collect::<Vec<_>>())
+                    .unwrap()
+                    .is_empty()
+            );
             p.commit().unwrap();
         }
         let segments = reader.reader.searcher().segment_readers().len();
@@ -1257,7 +1268,11 @@ mod tests {
         // again (from the pending documents) in the same interval.
         let mut events: Vec<Incoming> = (0..300).map(|i| next(i, update(1))).collect();
         events.extend((0..300).step_by(2).map(|i| next(i, update(2))));
-        assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+        assert!(
+            p.apply_batch(&events.iter().collect::<Vec<_>>())
+                .unwrap()
+                .is_empty()
+        );
         // Merge the segments the deletes were decided against before they
         // are committed: the merged segment is not one they passed over.
         let ids: Vec<SegmentId> = reader
@@ -1279,7 +1294,11 @@ mod tests {
         }
         // And once more, now from the merged segment and the new ones.
         let events: Vec<Incoming> = (0..300).map(|i| next(i, update(3))).collect();
-        assert!(p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap().is_empty());
+        assert!(
+            p.apply_batch(&events.iter().collect::<Vec<_>>())
+                .unwrap()
+                .is_empty()
+        );
         p.commit().unwrap();
         assert_eq!(reader.reader.searcher().num_docs(), 300);
         assert_eq!(reader.get("p7").unwrap().unwrap().content, "revision 3");
