@@ -10,6 +10,17 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(1000);
 /// Core request timeout; JetStream calls have their own on the context.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The wait before connection attempt `attempts` (1 for the first): none
+/// for the first, so a start or a reconnect tries at once (the client also
+/// counts the initial connection; 50 ms there delayed every start), then
+/// 50 ms more per attempt up to [`RECONNECT_DELAY_MAX`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let retries = u32::try_from(attempts.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(20);
+    (Duration::from_millis(50) * retries).min(RECONNECT_DELAY_MAX)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectCheckError {
     #[error("{url}: not a reachable NATS server: {cause}")]
@@ -34,10 +45,7 @@ pub async fn connect_checked(
         .connection_timeout(CONNECT_TIMEOUT)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX).min(20);
-            (Duration::from_millis(50) * attempts).min(RECONNECT_DELAY_MAX)
-        });
+        .reconnect_delay_callback(reconnect_delay);
     let servers: Vec<async_nats::ServerAddr> = urls
         .iter()
         .map(|u| {
@@ -58,5 +66,20 @@ pub async fn connect_checked(
             url: joined,
             secs: CONNECT_CHECK_DEADLINE.as_secs(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_attempt_does_not_wait_and_the_backoff_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(50));
+        assert_eq!(reconnect_delay(5), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(1000), RECONNECT_DELAY_MAX);
+        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_DELAY_MAX);
     }
 }
