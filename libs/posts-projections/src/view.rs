@@ -94,7 +94,7 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
             path = %path.display(),
             found,
             expected = FORMAT,
-            "view store has an older layout; rebuilding it from the stream"
+            "view store has another layout; rebuilding it from the stream"
         );
         drop(db);
         std::fs::remove_file(path)?;
