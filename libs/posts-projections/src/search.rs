@@ -271,16 +271,20 @@ struct Header {
     created_at_us: i64,
     version: u64,
     deleted: bool,
+    /// The searcher's segments when this version was written: none of
+    /// them can hold it (see [`Where::Uncommitted`]).
+    seen: Arc<[SegmentId]>,
 }
 
 impl Header {
-    fn of(doc: &Doc) -> Self {
+    fn of(doc: &Doc, seen: Arc<[SegmentId]>) -> Self {
         Self {
             title: doc.title.as_str().into(),
             author_name: doc.author_name.as_str().into(),
             created_at_us: doc.created_at_us,
             version: doc.version,
             deleted: doc.deleted,
+            seen,
         }
     }
 
@@ -310,12 +314,11 @@ enum Where {
         holder: SegmentId,
         seen: Arc<[SegmentId]>,
     },
-    /// Changed since the last commit: earlier versions in the `seen`
-    /// segments were deleted by the changes since, so only segments written
-    /// since (flushed or merged) can hold it.
+    /// Written by this process after the searcher held the `seen` segments
+    /// (changed since the last commit, or kept in `headers`): earlier
+    /// versions in them were deleted by the changes since, so only segments
+    /// written since (flushed or merged) can hold it.
     Uncommitted { seen: Arc<[SegmentId]> },
-    /// Not looked up: any segment may hold it.
-    Anywhere,
 }
 
 impl SearchProjection {
@@ -332,7 +335,8 @@ impl SearchProjection {
             return Ok((Some(d), self.uncommitted()));
         }
         if !content && let Some(h) = self.headers.get(id) {
-            return Ok((Some(h.doc(id)), Where::Anywhere));
+            let seen = h.seen.clone();
+            return Ok((Some(h.doc(id)), Where::Uncommitted { seen }));
         }
         if self.touched.contains(&fp) {
             // Changed since the last commit, and its document let go (or a
@@ -477,13 +481,15 @@ impl SearchProjection {
             }
         }
         self.touched.insert(fp);
+        let searcher = self.reader.reader.searcher();
+        let header = Header::of(&doc, self.seen_by(&searcher));
         if let Some(h) = self.headers.get_mut(id.as_str()) {
-            *h = Header::of(&doc);
+            *h = header;
         } else {
             if self.headers.len() >= HEADERS_MAX {
                 self.headers.clear();
             }
-            self.headers.insert(id.as_str().into(), Header::of(&doc));
+            self.headers.insert(id.as_str().into(), header);
         }
         if self.pending.len() >= PENDING_DOCS_MAX / 2 {
             // The older generation goes; both tables keep their capacity.
@@ -541,7 +547,7 @@ impl DeleteById {
         match &*self.replaces {
             Where::Committed { holder, seen } => segment != *holder && seen.contains(&segment),
             Where::Uncommitted { seen } => seen.contains(&segment),
-            Where::Nowhere | Where::Anywhere => false,
+            Where::Nowhere => false,
         }
     }
 }
