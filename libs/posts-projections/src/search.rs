@@ -47,6 +47,11 @@ const KNOWN_IDS_MAX: usize = 2_000_000;
 /// Post headers kept (see `SearchProjection::headers`): about 200 B each,
 /// so at most ~40 MB; when full the set starts over.
 const HEADERS_MAX: usize = 200_000;
+/// Searcher generations whose segments are remembered for the headers'
+/// deletes (see [`Where`]): a header written in an older one deletes by
+/// looking at every segment. Bounds the memory to a few KB whatever the
+/// commit rate; a catch-up commits about once a second.
+const SEEN_GENERATIONS: usize = 64;
 /// Documents changed since the last commit kept for re-reading (see
 /// `SearchProjection::pending`): the last 8-16k, which re-edits of a post
 /// within a commit interval hit.
@@ -209,7 +214,7 @@ pub fn open(
                 .then(foldhash::HashSet::default),
             fingerprint: foldhash::quality::RandomState::default(),
             last_commit: Instant::now(),
-            seen: (u64::MAX, Arc::from(Vec::new())),
+            seen: std::collections::VecDeque::new(),
             headers: foldhash::HashMap::default(),
         },
         search_reader,
@@ -250,9 +255,9 @@ pub struct SearchProjection {
     /// Per-process seed of the fingerprints.
     fingerprint: foldhash::quality::RandomState,
     last_commit: Instant,
-    /// The segments the searcher held when each delete below was decided,
-    /// by searcher generation (see [`Where`]).
-    seen: (u64, Arc<[SegmentId]>),
+    /// The segments of the searcher's last `SEEN_GENERATIONS` generations,
+    /// newest last (see [`Where`]).
+    seen: std::collections::VecDeque<(u64, Arc<[SegmentId]>)>,
     /// Everything but the content of each post this process wrote, as of
     /// its last applied event. An update that sets the content (every one
     /// in `just bench`) or a delete needs nothing else of the current
@@ -271,20 +276,20 @@ struct Header {
     created_at_us: i64,
     version: u64,
     deleted: bool,
-    /// The searcher's segments when this version was written: none of
-    /// them can hold it (see [`Where::Uncommitted`]).
-    seen: Arc<[SegmentId]>,
+    /// The searcher generation this version was written in: none of that
+    /// generation's segments can hold it (see [`Where::Uncommitted`]).
+    written_in: u64,
 }
 
 impl Header {
-    fn of(doc: &Doc, seen: Arc<[SegmentId]>) -> Self {
+    fn of(doc: &Doc, written_in: u64) -> Self {
         Self {
             title: doc.title.as_str().into(),
             author_name: doc.author_name.as_str().into(),
             created_at_us: doc.created_at_us,
             version: doc.version,
             deleted: doc.deleted,
-            seen,
+            written_in,
         }
     }
 
@@ -319,6 +324,8 @@ enum Where {
     /// versions in them were deleted by the changes since, so only segments
     /// written since (flushed or merged) can hold it.
     Uncommitted { seen: Arc<[SegmentId]> },
+    /// Written in a generation no longer remembered: any segment may hold it.
+    Anywhere,
 }
 
 impl SearchProjection {
@@ -335,8 +342,13 @@ impl SearchProjection {
             return Ok((Some(d), self.uncommitted()));
         }
         if !content && let Some(h) = self.headers.get(id) {
-            let seen = h.seen.clone();
-            return Ok((Some(h.doc(id)), Where::Uncommitted { seen }));
+            let doc = h.doc(id);
+            let written_in = h.written_in;
+            let replaces = match self.seen.iter().find(|(g, _)| *g == written_in) {
+                Some((_, seen)) => Where::Uncommitted { seen: seen.clone() },
+                None => Where::Anywhere,
+            };
+            return Ok((Some(doc), replaces));
         }
         if self.touched.contains(&fp) {
             // Changed since the last commit, and its document let go (or a
@@ -373,15 +385,21 @@ impl SearchProjection {
     /// The segments of `searcher`, computed once per generation.
     fn seen_by(&mut self, searcher: &tantivy::Searcher) -> Arc<[SegmentId]> {
         let generation = searcher.generation().generation_id();
-        if self.seen.0 != generation {
-            let ids: Vec<SegmentId> = searcher
-                .segment_readers()
-                .iter()
-                .map(tantivy::SegmentReader::segment_id)
-                .collect();
-            self.seen = (generation, Arc::from(ids));
+        if let Some((g, seen)) = self.seen.back()
+            && *g == generation
+        {
+            return seen.clone();
         }
-        self.seen.1.clone()
+        let ids: Arc<[SegmentId]> = searcher
+            .segment_readers()
+            .iter()
+            .map(tantivy::SegmentReader::segment_id)
+            .collect();
+        if self.seen.len() >= SEEN_GENERATIONS {
+            self.seen.pop_front();
+        }
+        self.seen.push_back((generation, ids.clone()));
+        ids
     }
 
     /// Everything known about changes since the last commit: after a commit
@@ -482,7 +500,8 @@ impl SearchProjection {
         }
         self.touched.insert(fp);
         let searcher = self.reader.reader.searcher();
-        let header = Header::of(&doc, self.seen_by(&searcher));
+        self.seen_by(&searcher);
+        let header = Header::of(&doc, searcher.generation().generation_id());
         if let Some(h) = self.headers.get_mut(id.as_str()) {
             *h = header;
         } else {
@@ -547,7 +566,7 @@ impl DeleteById {
         match &*self.replaces {
             Where::Committed { holder, seen } => segment != *holder && seen.contains(&segment),
             Where::Uncommitted { seen } => seen.contains(&segment),
-            Where::Nowhere => false,
+            Where::Nowhere | Where::Anywhere => false,
         }
     }
 }
@@ -1457,6 +1476,38 @@ mod tests {
             parked[0].reason,
             "PostUpdated cannot follow a post that is absent"
         );
+    }
+
+    /// A header older than the remembered generations still replaces its
+    /// post's document (the delete then looks at every segment).
+    #[test]
+    fn a_header_from_a_forgotten_generation_still_replaces_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let created = |n: usize| posts::Event::Created {
+            title: format!("title {n}"),
+            content: "words".to_string(),
+            author_name: "ann".to_string(),
+        };
+        let mut seq = 0;
+        for n in 0..=SEEN_GENERATIONS + 2 {
+            seq += 1;
+            let e = incoming(seq, &format!("p{n}"), &created(n));
+            assert!(p.apply_batch(&[&e]).unwrap().is_empty());
+            p.commit().unwrap();
+        }
+        seq += 1;
+        let update = posts::Event::Updated {
+            title: None,
+            content: Some("rewritten".to_string()),
+            author_name: None,
+        };
+        let e = incoming(seq, "p0", &update);
+        assert!(p.apply_batch(&[&e]).unwrap().is_empty());
+        p.commit().unwrap();
+        assert_eq!(reader.get("p0").unwrap().unwrap().content, "rewritten");
+        let posts = SEEN_GENERATIONS as u64 + 3;
+        assert_eq!(reader.reader.searcher().num_docs(), posts);
     }
 
     #[test]
