@@ -344,8 +344,26 @@ impl SearchProjection {
         if !content && let Some(h) = self.headers.get(id) {
             let doc = h.doc(id);
             let written_in = h.written_in;
-            let replaces = match self.seen.iter().find(|(g, _)| *g == written_in) {
-                Some((_, seen)) => Where::Uncommitted { seen: seen.clone() },
+            let searcher = self.reader.reader.searcher();
+            let seen = self.seen_by(&searcher);
+            if written_in == searcher.generation().generation_id() {
+                // Written since the last commit.
+                return Ok((Some(doc), Where::Uncommitted { seen }));
+            }
+            // Committed since: in a segment the searcher of its generation
+            // did not have. The id's postings say which; the document
+            // itself is not read.
+            let before = self
+                .seen
+                .iter()
+                .find(|(g, _)| *g == written_in)
+                .map(|(_, s)| s.clone());
+            let found = self
+                .reader
+                .find(&searcher, id, before.as_deref().unwrap_or_default())
+                .map_err(ProjectionError::new)?;
+            let replaces = match found {
+                Some((_, holder)) => Where::Committed { holder, seen },
                 None => Where::Anywhere,
             };
             return Ok((Some(doc), replaces));
@@ -907,11 +925,28 @@ impl SearchReader {
         searcher: &tantivy::Searcher,
         id: &str,
     ) -> Result<Option<(SegmentId, Doc)>, SearchError> {
+        let Some((addr, segment)) = self.find(searcher, id, &[])? else {
+            return Ok(None);
+        };
+        Ok(Some((segment, self.doc(searcher, addr)?)))
+    }
+
+    /// Where the post's live document is, looking in every segment but
+    /// the `skip`ped ones.
+    fn find(
+        &self,
+        searcher: &tantivy::Searcher,
+        id: &str,
+        skip: &[SegmentId],
+    ) -> Result<Option<(DocAddress, SegmentId)>, SearchError> {
         // Straight from the id's postings: a scored `TermQuery` built BM25
         // statistics over every segment first, for each update applied.
         let idx = |e: std::io::Error| SearchError::Index(e.to_string());
         let term = Term::from_field_text(self.fields.post_id, id);
         for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            if skip.contains(&segment.segment_id()) {
+                continue;
+            }
             let postings = segment
                 .inverted_index(self.fields.post_id)
                 .map_err(|e| SearchError::Index(e.to_string()))?
@@ -924,8 +959,7 @@ impl SearchReader {
             while doc != tantivy::TERMINATED {
                 if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
                     let ord = u32::try_from(ord).unwrap_or(u32::MAX);
-                    let found = self.doc(searcher, DocAddress::new(ord, doc))?;
-                    return Ok(Some((segment.segment_id(), found)));
+                    return Ok(Some((DocAddress::new(ord, doc), segment.segment_id())));
                 }
                 doc = postings.advance();
             }
