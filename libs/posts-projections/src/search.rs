@@ -47,11 +47,6 @@ const KNOWN_IDS_MAX: usize = 2_000_000;
 /// Post headers kept (see `SearchProjection::headers`): about 200 B each,
 /// so at most ~40 MB; when full the set starts over.
 const HEADERS_MAX: usize = 200_000;
-/// Searcher generations whose segments are remembered for the headers'
-/// deletes (see [`Where`]): a header written in an older one deletes by
-/// looking at every segment. Bounds the memory to a few KB whatever the
-/// commit rate; a catch-up commits about once a second.
-const SEEN_GENERATIONS: usize = 64;
 /// Documents changed since the last commit kept for re-reading (see
 /// `SearchProjection::pending`): the last 8-16k, which re-edits of a post
 /// within a commit interval hit.
@@ -214,7 +209,7 @@ pub fn open(
                 .then(foldhash::HashSet::default),
             fingerprint: foldhash::quality::RandomState::default(),
             last_commit: Instant::now(),
-            seen: std::collections::VecDeque::new(),
+            seen: (u64::MAX, Arc::from(Vec::new())),
             headers: foldhash::HashMap::default(),
         },
         search_reader,
@@ -255,15 +250,13 @@ pub struct SearchProjection {
     /// Per-process seed of the fingerprints.
     fingerprint: foldhash::quality::RandomState,
     last_commit: Instant,
-    /// The segments of the searcher's last `SEEN_GENERATIONS` generations,
-    /// newest last (see [`Where`]).
-    seen: std::collections::VecDeque<(u64, Arc<[SegmentId]>)>,
+    /// The segments of the searcher, by generation (see [`Where`]).
+    seen: (u64, Arc<[SegmentId]>),
     /// Everything but the content of each post this process wrote, as of
     /// its last applied event. An update that sets the content (every one
     /// in `just bench`) or a delete needs nothing else of the current
-    /// document, so it skips reading it from the index: an id lookup in
-    /// every segment, a doc-store block and a decode, 6% of a catch-up's
-    /// CPU. Exact ids, not fingerprints: a wrong hit would be a wrong
+    /// document, so it skips reading it from the index (a doc-store block
+    /// and a decode; with the id lookups, 6% of a catch-up's CPU). Exact ids, not fingerprints: a wrong hit would be a wrong
     /// document. Bounded by `HEADERS_MAX`; forgotten on rollback.
     headers: foldhash::HashMap<Box<str>, Header>,
 }
@@ -276,8 +269,8 @@ struct Header {
     created_at_us: i64,
     version: u64,
     deleted: bool,
-    /// The searcher generation this version was written in: none of that
-    /// generation's segments can hold it (see [`Where::Uncommitted`]).
+    /// The searcher generation this version was written in: if it is still
+    /// the current one, the version is not committed yet.
     written_in: u64,
 }
 
@@ -319,12 +312,12 @@ enum Where {
         holder: SegmentId,
         seen: Arc<[SegmentId]>,
     },
-    /// Written by this process after the searcher held the `seen` segments
-    /// (changed since the last commit, or kept in `headers`): earlier
-    /// versions in them were deleted by the changes since, so only segments
-    /// written since (flushed or merged) can hold it.
+    /// Changed since the last commit, whose searcher holds the `seen`
+    /// segments: earlier versions in them were deleted by the changes since,
+    /// so only segments written since (flushed or merged) can hold it.
     Uncommitted { seen: Arc<[SegmentId]> },
-    /// Written in a generation no longer remembered: any segment may hold it.
+    /// Kept in `headers` but not found in the index (which should not
+    /// happen): any segment may hold it.
     Anywhere,
 }
 
@@ -345,25 +338,17 @@ impl SearchProjection {
             let doc = h.doc(id);
             let written_in = h.written_in;
             let searcher = self.reader.reader.searcher();
-            let seen = self.seen_by(&searcher);
             if written_in == searcher.generation().generation_id() {
-                // Written since the last commit.
-                return Ok((Some(doc), Where::Uncommitted { seen }));
+                return Ok((Some(doc), self.uncommitted()));
             }
-            // Committed since: in a segment the searcher of its generation
-            // did not have. The id's postings say which; the document
-            // itself is not read.
-            let before = self
-                .seen
-                .iter()
-                .find(|(g, _)| *g == written_in)
-                .map(|(_, s)| s.clone());
+            // Committed since: the id's postings say in which segment; the
+            // document itself is not read.
             let found = self
                 .reader
-                .find(&searcher, id, before.as_deref().unwrap_or_default())
+                .find(&searcher, id)
                 .map_err(ProjectionError::new)?;
             let replaces = match found {
-                Some((_, holder)) => Where::Committed { holder, seen },
+                Some((_, holder)) => self.committed(&searcher, holder),
                 None => Where::Anywhere,
             };
             return Ok((Some(doc), replaces));
@@ -382,15 +367,16 @@ impl SearchProjection {
             .locate(&searcher, id)
             .map_err(ProjectionError::new)?;
         Ok(match found {
-            Some((holder, doc)) => (
-                Some(doc),
-                Where::Committed {
-                    holder,
-                    seen: self.seen_by(&searcher),
-                },
-            ),
+            Some((holder, doc)) => (Some(doc), self.committed(&searcher, holder)),
             None => (None, Where::Nowhere),
         })
+    }
+
+    fn committed(&mut self, searcher: &tantivy::Searcher, holder: SegmentId) -> Where {
+        Where::Committed {
+            holder,
+            seen: self.seen_by(searcher),
+        }
     }
 
     fn uncommitted(&mut self) -> Where {
@@ -403,21 +389,15 @@ impl SearchProjection {
     /// The segments of `searcher`, computed once per generation.
     fn seen_by(&mut self, searcher: &tantivy::Searcher) -> Arc<[SegmentId]> {
         let generation = searcher.generation().generation_id();
-        if let Some((g, seen)) = self.seen.back()
-            && *g == generation
-        {
-            return seen.clone();
+        if self.seen.0 != generation {
+            let ids = searcher
+                .segment_readers()
+                .iter()
+                .map(tantivy::SegmentReader::segment_id)
+                .collect();
+            self.seen = (generation, ids);
         }
-        let ids: Arc<[SegmentId]> = searcher
-            .segment_readers()
-            .iter()
-            .map(tantivy::SegmentReader::segment_id)
-            .collect();
-        if self.seen.len() >= SEEN_GENERATIONS {
-            self.seen.pop_front();
-        }
-        self.seen.push_back((generation, ids.clone()));
-        ids
+        self.seen.1.clone()
     }
 
     /// Everything known about changes since the last commit: after a commit
@@ -517,9 +497,8 @@ impl SearchProjection {
             }
         }
         self.touched.insert(fp);
-        let searcher = self.reader.reader.searcher();
-        self.seen_by(&searcher);
-        let header = Header::of(&doc, searcher.generation().generation_id());
+        let written_in = self.reader.reader.searcher().generation().generation_id();
+        let header = Header::of(&doc, written_in);
         if let Some(h) = self.headers.get_mut(id.as_str()) {
             *h = header;
         } else {
@@ -925,28 +904,23 @@ impl SearchReader {
         searcher: &tantivy::Searcher,
         id: &str,
     ) -> Result<Option<(SegmentId, Doc)>, SearchError> {
-        let Some((addr, segment)) = self.find(searcher, id, &[])? else {
+        let Some((addr, segment)) = self.find(searcher, id)? else {
             return Ok(None);
         };
         Ok(Some((segment, self.doc(searcher, addr)?)))
     }
 
-    /// Where the post's live document is, looking in every segment but
-    /// the `skip`ped ones.
+    /// Where the post's live document is.
     fn find(
         &self,
         searcher: &tantivy::Searcher,
         id: &str,
-        skip: &[SegmentId],
     ) -> Result<Option<(DocAddress, SegmentId)>, SearchError> {
         // Straight from the id's postings: a scored `TermQuery` built BM25
         // statistics over every segment first, for each update applied.
         let idx = |e: std::io::Error| SearchError::Index(e.to_string());
         let term = Term::from_field_text(self.fields.post_id, id);
         for (ord, segment) in searcher.segment_readers().iter().enumerate() {
-            if skip.contains(&segment.segment_id()) {
-                continue;
-            }
             let postings = segment
                 .inverted_index(self.fields.post_id)
                 .map_err(|e| SearchError::Index(e.to_string()))?
@@ -1512,10 +1486,11 @@ mod tests {
         );
     }
 
-    /// A header older than the remembered generations still replaces its
-    /// post's document (the delete then looks at every segment).
+    /// A header written many commits ago still replaces its post's
+    /// document (found in its segment among many).
     #[test]
-    fn a_header_from_a_forgotten_generation_still_replaces_the_document() {
+    fn a_header_many_commits_old_still_replaces_the_document() {
+        const COMMITS: usize = 66;
         let dir = tempfile::tempdir().unwrap();
         let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
         let created = |n: usize| posts::Event::Created {
@@ -1524,7 +1499,7 @@ mod tests {
             author_name: "ann".to_string(),
         };
         let mut seq = 0;
-        for n in 0..=SEEN_GENERATIONS + 2 {
+        for n in 0..=COMMITS {
             seq += 1;
             let e = incoming(seq, &format!("p{n}"), &created(n));
             assert!(p.apply_batch(&[&e]).unwrap().is_empty());
@@ -1540,7 +1515,7 @@ mod tests {
         assert!(p.apply_batch(&[&e]).unwrap().is_empty());
         p.commit().unwrap();
         assert_eq!(reader.get("p0").unwrap().unwrap().content, "rewritten");
-        let posts = SEEN_GENERATIONS as u64 + 3;
+        let posts = COMMITS as u64 + 1;
         assert_eq!(reader.reader.searcher().num_docs(), posts);
     }
 
