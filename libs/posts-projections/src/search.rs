@@ -64,11 +64,21 @@ const INDEXING_THREADS: usize = 2;
 pub const WRITER_HEAP_LIVE_BYTES: usize = 64 * 1024 * 1024;
 /// Indexing heap for a replay: bigger segments, fewer merges.
 pub const WRITER_HEAP_REPLAY_BYTES: usize = 256 * 1024 * 1024;
-/// Doc store block: a hit's stored fields are read by decompressing its
-/// whole block, so small blocks (a few posts) keep result pages and update
-/// lookups cheap; tantivy's 16 KiB default made decompression an eighth of
-/// a search's CPU in `just bench`.
+/// Doc store block: a hit's stored fields are read by copying (formerly
+/// decompressing) its whole block, so small blocks (a few posts) keep
+/// result pages and update lookups cheap; tantivy's 16 KiB default made LZ4
+/// decompression an eighth of a search's CPU in `just bench`.
 const DOCSTORE_BLOCK_BYTES: usize = 4096;
+/// The doc store is not compressed. LZ4 (tantivy's default) spent 2 us of
+/// CPU per event in catch-up, on a compressor thread per indexing thread,
+/// and again in merges: without it `bench --only catchup` went from 0.460
+/// to 0.506 of the raw drain (7 alternating pairs) and `--full` from 0.426
+/// to 0.454, for about half again the index's size on disk (96 to 146 MB
+/// at 100k posts). Peak RSS did not move: catch-up reads no stored
+/// document when a post's header is kept. Indexes created with LZ4 keep it
+/// (the setting is the index's own); each segment records its compressor,
+/// so both read the same.
+const DOCSTORE_COMPRESSION: tantivy::store::Compressor = tantivy::store::Compressor::None;
 /// The title's weight: it is indexed this many times in `text`, so a title
 /// word has this many times the term frequency of a content word (BM25
 /// saturates it, as it does any repeated word).
@@ -168,6 +178,7 @@ pub fn open(
             .schema(schema)
             .settings(tantivy::IndexSettings {
                 docstore_blocksize: DOCSTORE_BLOCK_BYTES,
+                docstore_compression: DOCSTORE_COMPRESSION,
                 ..tantivy::IndexSettings::default()
             })
             .create_in_dir(dir)?,
@@ -1284,6 +1295,84 @@ mod tests {
 
     fn incoming(seq: u64, id: &str, event: &posts::Event) -> Incoming {
         crate::incoming_at(seq, id, 1_700_000_000, event)
+    }
+
+    /// New indexes store documents uncompressed. One created with LZ4 (by an
+    /// earlier version) opens as it is, keeps LZ4 for its new segments, and
+    /// its documents read and update across both kinds of segment.
+    #[test]
+    fn an_index_created_with_lz4_still_reads_and_updates() {
+        let fresh = tempfile::tempdir().unwrap();
+        let (_, reader) = open(fresh.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        assert_eq!(
+            reader.index.settings().docstore_compression,
+            tantivy::store::Compressor::None
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (schema, fields) = schema();
+        let lz4 = tantivy::store::Compressor::Lz4;
+        let index = Index::builder()
+            .schema(schema)
+            .settings(tantivy::IndexSettings {
+                docstore_compression: lz4,
+                ..tantivy::IndexSettings::default()
+            })
+            .create_in_dir(dir.path())
+            .unwrap();
+        let old = Doc {
+            post_id: "old".into(),
+            title: "written before".into(),
+            content: "compressed words".into(),
+            author_name: "ann".into(),
+            created_at_us: 1,
+            updated_at_us: 1,
+            version: 1,
+            deleted: false,
+        };
+        let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+        writer.add_document(to_tantivy(&old, fields)).unwrap();
+        writer.commit().unwrap();
+        drop(writer);
+        drop(index);
+
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        assert_eq!(reader.index.settings().docstore_compression, lz4);
+        assert_eq!(reader.get("old").unwrap().unwrap(), old);
+        let events = [
+            incoming(
+                1,
+                "old",
+                &posts::Event::Updated {
+                    title: Some("written after".into()),
+                    content: None,
+                    author_name: None,
+                },
+            ),
+            incoming(
+                2,
+                "new",
+                &posts::Event::Created {
+                    title: "another".into(),
+                    content: "more words".into(),
+                    author_name: "bob".into(),
+                },
+            ),
+        ];
+        let batch: Vec<&Incoming> = events.iter().collect();
+        assert!(p.apply_batch(&batch).unwrap().is_empty());
+        p.flush().unwrap();
+        let updated = reader.get("old").unwrap().unwrap();
+        assert_eq!(
+            (
+                updated.title.as_str(),
+                updated.content.as_str(),
+                updated.version
+            ),
+            ("written after", "compressed words", 2)
+        );
+        assert_eq!(reader.get("new").unwrap().unwrap().content, "more words");
+        assert_eq!(reader.reader.searcher().num_docs(), 2);
     }
 
     /// A post changed earlier in the same commit interval, whose document
