@@ -101,6 +101,16 @@ fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// A log file in [`logs_dir`] named by [`unique_name`]. Names are unique
+/// within a process; a file left by an earlier process with the same pid
+/// (pids are reused) is removed, so the log holds only this run (the bench
+/// prints lines from it).
+fn new_log_path(prefix: &str) -> PathBuf {
+    let path = logs_dir().join(format!("{}.log", unique_name(prefix)));
+    let _ = fs::remove_file(&path);
+    path
+}
+
 /// Pids of every process started through this crate, for [`kill_spawned`].
 static SPAWNED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
@@ -258,7 +268,7 @@ impl NatsServer {
         for _ in 0..PORT_RACE_RETRIES_MAX {
             let dir = temp_dir("nats-test")?;
             let store_dir = dir.path().join("store");
-            let log_path = logs_dir().join(format!("{}.log", unique_name("nats")));
+            let log_path = new_log_path("nats");
             let port = free_port();
             let config_path = dir.path().join("nats.conf");
             let sync = if options.sync_always {
@@ -408,7 +418,11 @@ impl NatsCluster {
                 port: *port,
                 server_name: format!("{tag}-n{i}"),
                 config_path,
-                log_path: logs_dir().join(format!("{tag}-n{i}.log")),
+                log_path: {
+                    let path = logs_dir().join(format!("{tag}-n{i}.log"));
+                    let _ = fs::remove_file(&path);
+                    path
+                },
             });
         }
         let mut cluster = Self { nodes, _dir: dir };
@@ -485,7 +499,7 @@ impl ServiceProcess {
         envs: &[(String, String)],
         ready_port: u16,
     ) -> anyhow::Result<Self> {
-        let log_path = logs_dir().join(format!("{}.log", unique_name(bin)));
+        let log_path = new_log_path(bin);
         let mut p = Self {
             child: None,
             name: bin.to_string(),
