@@ -33,11 +33,15 @@ fn drain_pull_batch_max() -> i64 {
 }
 /// Raw drains run; the best one is the ceiling.
 const DRAIN_RUNS: usize = 2;
-/// How often catch-up progress and memory are looked at (measurement, not
-/// synchronisation).
+/// How often memory and liveness are looked at during catch-up, and
+/// readiness after a restart (measurement, not synchronisation).
 const CATCHUP_POLL: Duration = Duration::from_millis(50);
-/// A `/projections` answer slower than this is skipped, not waited for.
-const PROJECTIONS_TIMEOUT: Duration = Duration::from_secs(1);
+/// A catch-up read with `min_seq` waits at most 3 s in the service, then
+/// answers 503; one that takes longer than this is asked again.
+const MIN_SEQ_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Until `posts-query` listens (a few ms after its spawn), catch-up reads
+/// are refused; they are retried this often.
+const CONNECT_RETRY: Duration = Duration::from_millis(2);
 /// In flight for search latency.
 const SEARCH_IN_FLIGHT: usize = 8;
 /// Read-your-writes samples discarded while connections warm up.
@@ -151,7 +155,11 @@ struct CatchUp {
     error: Option<String>,
 }
 
-/// Polls `/projections` until both checkpoints reach `target_seq`.
+/// Waits until both projections have made `target_seq` visible, timed by
+/// the product's own read-your-writes reads: a listing and a search, each
+/// with `min_seq`, answer the moment their projection reaches it (polling
+/// `/projections` every 50 ms made each end 25 ms late on average). Memory
+/// and liveness are sampled meanwhile.
 async fn watch_catch_up(
     client: &reqwest::Client,
     query_url: &str,
@@ -166,6 +174,26 @@ async fn watch_catch_up(
         rss_peak_kib: None,
         error: None,
     };
+    let reads = [
+        (
+            POST_VIEW,
+            format!("{query_url}/posts?limit=1&min_seq={target_seq}"),
+        ),
+        (
+            POST_SEARCH,
+            format!("{query_url}/posts/search?q=catchup&limit=1&min_seq={target_seq}"),
+        ),
+    ];
+    let mut waits: Vec<_> = reads
+        .into_iter()
+        .map(|(name, url)| {
+            let client = client.clone();
+            (
+                name,
+                tokio::spawn(async move { visible_at(&client, &url, started, deadline).await }),
+            )
+        })
+        .collect();
     let mut rss_sampled_max = 0;
     let mut ticks = tokio::time::interval(CATCHUP_POLL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -176,38 +204,60 @@ async fn watch_catch_up(
             break;
         }
         rss_sampled_max = rss_sampled_max.max(procfs::status_kib(pid, "VmRSS").unwrap_or(0));
-        let request = client
-            .get(format!("{query_url}/projections"))
-            .timeout(PROJECTIONS_TIMEOUT);
-        // Connection refused while the service starts: just look again.
-        if let Ok(resp) = request.send().await
-            && let Ok(body) = resp.json::<Value>().await
-        {
-            for p in body["data"].as_array().into_iter().flatten() {
-                let name = p["name"].as_str().unwrap_or_default();
-                let checkpoint = p["checkpoint"].as_u64().unwrap_or(0);
-                if checkpoint >= target_seq && !out.per_projection.contains_key(name) {
-                    out.per_projection
-                        .insert(name.to_string(), started.elapsed());
+        let mut still_waiting = Vec::new();
+        for (name, wait) in waits {
+            if !wait.is_finished() {
+                still_waiting.push((name, wait));
+                continue;
+            }
+            match wait.await {
+                Ok(Ok(at)) => {
+                    out.per_projection.insert(name.to_string(), at);
                 }
+                Ok(Err(e)) => out.error = Some(format!("{name}: {e}")),
+                Err(e) => out.error = Some(format!("{name}: {e}")),
             }
         }
-        if [POST_VIEW, POST_SEARCH]
-            .iter()
-            .all(|n| out.per_projection.contains_key(*n))
-        {
-            out.done = Some(started.elapsed());
+        waits = still_waiting;
+        if out.error.is_some() {
             break;
         }
-        if started.elapsed() > deadline {
-            out.error = Some(format!("not caught up after {deadline:?}"));
+        if waits.is_empty() {
+            out.done = out.per_projection.values().max().copied();
             break;
         }
+    }
+    for (_, wait) in waits {
+        wait.abort();
     }
     // VmHWM is the true peak; the samples are a floor in case it is unreadable.
     out.rss_peak_kib =
         procfs::status_kib(pid, "VmHWM").or((rss_sampled_max > 0).then_some(rss_sampled_max));
     out
+}
+
+/// When a read of `url` (carrying `min_seq`) first answers 200, since
+/// `started`. Until the service listens, the connection is refused: try
+/// again shortly. A 503 is the service's bounded wait running out: ask again.
+async fn visible_at(
+    client: &reqwest::Client,
+    url: &str,
+    started: Instant,
+    deadline: Duration,
+) -> Result<Duration, String> {
+    loop {
+        if started.elapsed() > deadline {
+            return Err(format!("not caught up after {deadline:?}"));
+        }
+        match client.get(url).timeout(MIN_SEQ_READ_TIMEOUT).send().await {
+            Ok(resp) if resp.status().is_success() => return Ok(started.elapsed()),
+            Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {}
+            Ok(resp) => return Err(format!("{url} answered {}", resp.status())),
+            Err(e) if e.is_connect() => tokio::time::sleep(CONNECT_RETRY).await,
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(format!("{url}: {e}")),
+        }
+    }
 }
 
 async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
