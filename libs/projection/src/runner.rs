@@ -542,12 +542,14 @@ async fn flush_visible(
     let (p, res) = run_blocking(projection, |p| p.flush()).await?;
     stats.last_flush = started.elapsed();
     let res = res.map(|()| {
-        status.set_visible(p.visible());
         let clean = p.visible() >= applied_upto;
         if clean && at_head {
+            // Logged before readers waiting on `min_seq` are woken (the
+            // bench stops the service as soon as they answer).
             stats.report(p.name(), status);
             status.mark_caught_up();
         }
+        status.set_visible(p.visible());
         clean
     });
     Some((p, res))
