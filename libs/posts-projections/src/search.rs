@@ -75,9 +75,7 @@ const DOCSTORE_BLOCK_BYTES: usize = 4096;
 /// to 0.506 of the raw drain (7 alternating pairs) and `--full` from 0.426
 /// to 0.454, for about half again the index's size on disk (96 to 146 MB
 /// at 100k posts). Peak RSS did not move: catch-up reads no stored
-/// document when a post's header is kept. Indexes created with LZ4 keep it
-/// (the setting is the index's own); each segment records its compressor,
-/// so both read the same.
+/// document when a post's header is kept.
 const DOCSTORE_COMPRESSION: tantivy::store::Compressor = tantivy::store::Compressor::None;
 /// The title's weight: it is indexed this many times in `text`, so a title
 /// word has this many times the term frequency of a content word (BM25
@@ -172,25 +170,28 @@ pub fn open(
             std::fs::create_dir_all(dir)?;
         }
     }
-    let index = match existing {
+    let mut index = match existing {
         Some(index) => index,
         None => Index::builder()
             .schema(schema)
-            .settings(tantivy::IndexSettings {
-                docstore_blocksize: DOCSTORE_BLOCK_BYTES,
-                docstore_compression: DOCSTORE_COMPRESSION,
-                // Blocks are written by the indexing thread, not handed to
-                // a thread of their own (tantivy's default, one per segment
-                // writer, fed through a channel): with nothing to compress
-                // that was a wake-up and a context switch per 4 KiB block.
-                // Inline, catch-up went from 0.478 to 0.502 of the raw drain
-                // and posts-query from 32.5 to 29.5 us of CPU per event (8
-                // alternating pairs of `bench --only catchup`).
-                docstore_compress_dedicated_thread: false,
-                ..tantivy::IndexSettings::default()
-            })
+            .settings(tantivy::IndexSettings::default())
             .create_in_dir(dir)?,
     };
+    // The doc store settings, for new indexes and for the segments an
+    // existing one writes from now on (saved with its next commit). Each
+    // segment records its own compressor, and a merge re-stores documents
+    // whose segment was compressed otherwise, so an index written with
+    // LZ4 reads and merges as before.
+    let settings = index.settings_mut();
+    settings.docstore_blocksize = DOCSTORE_BLOCK_BYTES;
+    settings.docstore_compression = DOCSTORE_COMPRESSION;
+    // Blocks are written by the indexing thread, not handed to a thread of
+    // their own (tantivy's default, one per segment writer, fed through a
+    // channel): with nothing to compress that was a wake-up and a context
+    // switch per 4 KiB block. Inline, catch-up went from 0.478 to 0.502 of
+    // the raw drain and posts-query from 32.5 to 29.5 us of CPU per event
+    // (8 alternating pairs of `bench --only catchup`).
+    settings.docstore_compress_dedicated_thread = false;
     // Tokenizers are not stored with the index: the same one for every
     // writer and reader of it, under the name `TEXT` fields use.
     index
@@ -1306,35 +1307,35 @@ mod tests {
     }
 
     /// New indexes store documents uncompressed, written by the indexing
-    /// threads. One created with LZ4 (by an earlier version) opens as it
-    /// is, keeps LZ4 for its new segments, and its documents read and
-    /// update across both kinds of segment.
+    /// threads. One created with LZ4 and tantivy's defaults (by an earlier
+    /// version) takes the same settings for what it writes next: its old
+    /// documents still read, update, and survive a merge with new segments.
     #[test]
-    fn an_index_created_with_lz4_still_reads_and_updates() {
+    fn an_index_created_with_lz4_takes_the_new_store_settings() {
+        let uncompressed = |index: &Index| {
+            let s = index.settings();
+            s.docstore_compression == tantivy::store::Compressor::None
+                && !s.docstore_compress_dedicated_thread
+                && s.docstore_blocksize == DOCSTORE_BLOCK_BYTES
+        };
         let fresh = tempfile::tempdir().unwrap();
         let (_, reader) = open(fresh.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
-        let settings = reader.index.settings();
-        assert_eq!(
-            settings.docstore_compression,
-            tantivy::store::Compressor::None
-        );
-        assert!(!settings.docstore_compress_dedicated_thread);
+        assert!(uncompressed(&reader.index));
 
         let dir = tempfile::tempdir().unwrap();
         let (schema, fields) = schema();
-        let lz4 = tantivy::store::Compressor::Lz4;
         let index = Index::builder()
             .schema(schema)
             .settings(tantivy::IndexSettings {
-                docstore_compression: lz4,
+                docstore_compression: tantivy::store::Compressor::Lz4,
                 ..tantivy::IndexSettings::default()
             })
             .create_in_dir(dir.path())
             .unwrap();
-        let old = Doc {
-            post_id: "old".into(),
-            title: "written before".into(),
-            content: "compressed words".into(),
+        let old = |n: usize| Doc {
+            post_id: format!("old{n}"),
+            title: format!("written before {n}"),
+            content: format!("compressed words {n}"),
             author_name: "ann".into(),
             created_at_us: 1,
             updated_at_us: 1,
@@ -1342,18 +1343,20 @@ mod tests {
             deleted: false,
         };
         let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
-        writer.add_document(to_tantivy(&old, fields)).unwrap();
+        for n in 0..50 {
+            writer.add_document(to_tantivy(&old(n), fields)).unwrap();
+        }
         writer.commit().unwrap();
         drop(writer);
         drop(index);
 
         let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
-        assert_eq!(reader.index.settings().docstore_compression, lz4);
-        assert_eq!(reader.get("old").unwrap().unwrap(), old);
+        assert!(uncompressed(&reader.index));
+        assert_eq!(reader.get("old7").unwrap().unwrap(), old(7));
         let events = [
             incoming(
                 1,
-                "old",
+                "old0",
                 &posts::Event::Updated {
                     title: Some("written after".into()),
                     content: None,
@@ -1373,17 +1376,36 @@ mod tests {
         let batch: Vec<&Incoming> = events.iter().collect();
         assert!(p.apply_batch(&batch).unwrap().is_empty());
         p.flush().unwrap();
-        let updated = reader.get("old").unwrap().unwrap();
+        let ids: Vec<SegmentId> = reader
+            .reader
+            .searcher()
+            .segment_readers()
+            .iter()
+            .map(tantivy::SegmentReader::segment_id)
+            .collect();
+        assert!(ids.len() >= 2, "an LZ4 segment and a new one: {ids:?}");
+        p.writer.merge(&ids).wait().unwrap();
+        p.writer.commit().unwrap();
+        reader.reader.reload().unwrap();
+        assert_eq!(reader.reader.searcher().segment_readers().len(), 1);
+        let updated = reader.get("old0").unwrap().unwrap();
         assert_eq!(
             (
                 updated.title.as_str(),
                 updated.content.as_str(),
                 updated.version
             ),
-            ("written after", "compressed words", 2)
+            ("written after", "compressed words 0", 2)
         );
+        for n in 1..50 {
+            assert_eq!(reader.get(&format!("old{n}")).unwrap().unwrap(), old(n));
+        }
         assert_eq!(reader.get("new").unwrap().unwrap().content, "more words");
-        assert_eq!(reader.reader.searcher().num_docs(), 2);
+        assert_eq!(reader.reader.searcher().num_docs(), 51);
+        // The settings were saved with the commits.
+        drop(p);
+        let reopened = Index::open_in_dir(dir.path()).unwrap();
+        assert!(uncompressed(&reopened));
     }
 
     /// A post changed earlier in the same commit interval, whose document
