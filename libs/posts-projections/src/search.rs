@@ -1306,6 +1306,17 @@ mod tests {
         crate::incoming_at(seq, id, 1_700_000_000, event)
     }
 
+    /// The segments the reader's current searcher holds.
+    fn segment_ids(reader: &SearchReader) -> Vec<SegmentId> {
+        reader
+            .reader
+            .searcher()
+            .segment_readers()
+            .iter()
+            .map(tantivy::SegmentReader::segment_id)
+            .collect()
+    }
+
     /// New indexes store documents uncompressed, written by the indexing
     /// threads. One created with LZ4 and tantivy's defaults (by an earlier
     /// version) takes the same settings for what it writes next: its old
@@ -1376,13 +1387,7 @@ mod tests {
         let batch: Vec<&Incoming> = events.iter().collect();
         assert!(p.apply_batch(&batch).unwrap().is_empty());
         p.flush().unwrap();
-        let ids: Vec<SegmentId> = reader
-            .reader
-            .searcher()
-            .segment_readers()
-            .iter()
-            .map(tantivy::SegmentReader::segment_id)
-            .collect();
+        let ids = segment_ids(&reader);
         assert!(ids.len() >= 2, "an LZ4 segment and a new one: {ids:?}");
         p.writer.merge(&ids).wait().unwrap();
         p.writer.commit().unwrap();
@@ -1502,13 +1507,7 @@ mod tests {
         );
         // Merge the segments the deletes were decided against before they
         // are committed: the merged segment is not one they passed over.
-        let ids: Vec<SegmentId> = reader
-            .reader
-            .searcher()
-            .segment_readers()
-            .iter()
-            .map(tantivy::SegmentReader::segment_id)
-            .collect();
+        let ids = segment_ids(&reader);
         p.writer.merge(&ids).wait().unwrap();
         p.commit().unwrap();
         let searcher = reader.reader.searcher();
