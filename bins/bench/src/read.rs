@@ -210,11 +210,10 @@ async fn watch_catch_up(
                 still_waiting.push((name, wait));
                 continue;
             }
-            match wait.await {
-                Ok(Ok(at)) => {
+            match wait.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(at) => {
                     out.per_projection.insert(name.to_string(), at);
                 }
-                Ok(Err(e)) => out.error = Some(format!("{name}: {e}")),
                 Err(e) => out.error = Some(format!("{name}: {e}")),
             }
         }

@@ -172,10 +172,7 @@ pub fn open(
     }
     let mut index = match existing {
         Some(index) => index,
-        None => Index::builder()
-            .schema(schema)
-            .settings(tantivy::IndexSettings::default())
-            .create_in_dir(dir)?,
+        None => Index::builder().schema(schema).create_in_dir(dir)?,
     };
     // The doc store settings, for new indexes and for the segments an
     // existing one writes from now on (saved with its next commit). Each
@@ -276,8 +273,9 @@ pub struct SearchProjection {
     /// its last applied event. An update that sets the content (every one
     /// in `just bench`) or a delete needs nothing else of the current
     /// document, so it skips reading it from the index (a doc-store block
-    /// and a decode; with the id lookups, 6% of a catch-up's CPU). Exact ids, not fingerprints: a wrong hit would be a wrong
-    /// document. Bounded by `HEADERS_MAX`; forgotten on rollback.
+    /// and a decode; with the id lookups, 6% of a catch-up's CPU). Exact
+    /// ids, not fingerprints: a wrong hit would be a wrong document.
+    /// Bounded by `HEADERS_MAX`; forgotten on rollback.
     headers: foldhash::HashMap<Box<str>, Header>,
 }
 
@@ -352,14 +350,15 @@ impl SearchProjection {
     ) -> Result<(Option<Doc>, Where), ProjectionError> {
         if let Some(d) = self.pending.get(id).or_else(|| self.pending_old.get(id)) {
             let d = d.clone();
-            return Ok((Some(d), self.uncommitted()));
+            let searcher = self.reader.reader.searcher();
+            return Ok((Some(d), self.uncommitted(&searcher)));
         }
         if !content && let Some(h) = self.headers.get(id) {
             let doc = h.doc(id);
             let written_in = h.written_in;
             let searcher = self.reader.reader.searcher();
             if written_in == searcher.generation().generation_id() {
-                return Ok((Some(doc), self.uncommitted()));
+                return Ok((Some(doc), self.uncommitted(&searcher)));
             }
             // Committed since: the id's postings say in which segment; the
             // document itself is not read.
@@ -399,10 +398,9 @@ impl SearchProjection {
         }
     }
 
-    fn uncommitted(&mut self) -> Where {
-        let searcher = self.reader.reader.searcher();
+    fn uncommitted(&mut self, searcher: &tantivy::Searcher) -> Where {
         Where::Uncommitted {
-            seen: self.seen_by(&searcher),
+            seen: self.seen_by(searcher),
         }
     }
 

@@ -101,12 +101,16 @@ fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
-/// A log file in [`logs_dir`] named by [`unique_name`]. Names are unique
-/// within a process; a file left by an earlier process with the same pid
-/// (pids are reused) is removed, so the log holds only this run (the bench
-/// prints lines from it).
+/// A log file in [`logs_dir`] named by [`unique_name`]`(prefix)`.
 fn new_log_path(prefix: &str) -> PathBuf {
-    let path = logs_dir().join(format!("{}.log", unique_name(prefix)));
+    fresh_log_path(&unique_name(prefix))
+}
+
+/// `<logs_dir>/<name>.log`, emptied. Names are unique within a process; a
+/// file left by an earlier process with the same pid (pids are reused) is
+/// removed, so the log holds only this run (the bench prints lines from it).
+fn fresh_log_path(name: &str) -> PathBuf {
+    let path = logs_dir().join(format!("{name}.log"));
     let _ = fs::remove_file(&path);
     path
 }
@@ -418,11 +422,7 @@ impl NatsCluster {
                 port: *port,
                 server_name: format!("{tag}-n{i}"),
                 config_path,
-                log_path: {
-                    let path = logs_dir().join(format!("{tag}-n{i}.log"));
-                    let _ = fs::remove_file(&path);
-                    path
-                },
+                log_path: fresh_log_path(&format!("{tag}-n{i}")),
             });
         }
         let mut cluster = Self { nodes, _dir: dir };
