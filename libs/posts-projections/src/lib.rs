@@ -12,6 +12,7 @@
 
 pub mod rebuild;
 pub mod search;
+mod snippet;
 mod tokenizer;
 pub mod view;
 

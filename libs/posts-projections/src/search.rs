@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::snippet::Highlighter;
 use posts::Event;
 use projection::{Incoming, Parked, Projection, ProjectionError};
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,6 @@ use tantivy::query::{
     PhraseQuery, Query, Scorer, TermQuery, Weight,
 };
 use tantivy::schema::{Field, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
-use tantivy::snippet::SnippetGenerator;
 use tantivy::{
     DocAddress, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term,
 };
@@ -1100,20 +1100,19 @@ impl SearchReader {
             Some(terms) => count_conjunction(&searcher, terms).map_err(idx)?,
             None => searcher.search(&query, &Count).map_err(idx)?,
         };
-        // One generator over the matched field; each stored text is cut and
+        // One highlighter over the matched field; each stored text is cut and
         // highlighted with it.
         let mut snippets =
-            SnippetGenerator::create(&searcher, &*exact, self.fields.text).map_err(idx)?;
-        snippets.set_max_num_chars(SNIPPET_CHARS_MAX);
+            Highlighter::new(&searcher, &*exact, self.fields.text, SNIPPET_CHARS_MAX)
+                .map_err(idx)?;
         let mut hits = Vec::with_capacity(top.len());
         for (score, addr) in top {
             let t: TantivyDocument = searcher.doc(addr).map_err(idx)?;
             let d = from_tantivy(&t, self.fields);
             let mut highlights = HashMap::new();
             for (name, text) in [("title", &d.title), ("content", &d.content)] {
-                let s = snippets.snippet(text);
-                if !s.highlighted().is_empty() {
-                    highlights.insert(name, s.to_html());
+                if let Some(html) = snippets.html(text) {
+                    highlights.insert(name, html);
                 }
             }
             hits.push(Hit {
