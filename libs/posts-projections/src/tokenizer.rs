@@ -66,37 +66,55 @@ impl Tokenizer for PostTokenizer {
     }
 }
 
+/// The next word of ASCII text from byte `*at` on, as the generic chain
+/// cuts it: a run of alphanumerics. `Err` for a run of
+/// [`TOKEN_BYTES_LIMIT`] bytes or more, which is dropped but, like any
+/// token, takes a position. `None` at the end of the text.
+pub(crate) fn next_ascii_word(
+    bytes: &[u8],
+    at: &mut usize,
+) -> Option<Result<std::ops::Range<usize>, ()>> {
+    let Some(start) = bytes[*at..]
+        .iter()
+        .position(u8::is_ascii_alphanumeric)
+        .map(|i| *at + i)
+    else {
+        *at = bytes.len();
+        return None;
+    };
+    let end = bytes[start..]
+        .iter()
+        .position(|b| !b.is_ascii_alphanumeric())
+        .map_or(bytes.len(), |i| start + i);
+    *at = end;
+    Some(if end - start >= TOKEN_BYTES_LIMIT {
+        Err(())
+    } else {
+        Ok(start..end)
+    })
+}
+
 impl TokenStream for AsciiTokenStream<'_> {
     fn advance(&mut self) -> bool {
-        let bytes = self.bytes;
         loop {
             // Like the generic chain: every token found takes a position,
             // the ones dropped for length too.
             self.token.text.clear();
             self.token.position = self.token.position.wrapping_add(1);
-            let Some(start) = bytes[self.at..]
-                .iter()
-                .position(u8::is_ascii_alphanumeric)
-                .map(|i| self.at + i)
-            else {
-                self.at = bytes.len();
-                return false;
-            };
-            let end = bytes[start..]
-                .iter()
-                .position(|b| !b.is_ascii_alphanumeric())
-                .map_or(bytes.len(), |i| start + i);
-            self.at = end;
-            if end - start >= TOKEN_BYTES_LIMIT {
-                continue;
+            match next_ascii_word(self.bytes, &mut self.at) {
+                None => return false,
+                Some(Err(())) => {}
+                Some(Ok(word)) => {
+                    self.token.offset_from = word.start;
+                    self.token.offset_to = word.end;
+                    self.token.text.extend(
+                        self.bytes[word]
+                            .iter()
+                            .map(|b| char::from(b.to_ascii_lowercase())),
+                    );
+                    return true;
+                }
             }
-            self.token.offset_from = start;
-            self.token.offset_to = end;
-            let word = &bytes[start..end];
-            self.token
-                .text
-                .extend(word.iter().map(|b| char::from(b.to_ascii_lowercase())));
-            return true;
         }
     }
 
