@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::snippet::Highlighter;
 use posts::Event;
 use projection::{Incoming, Parked, Projection, ProjectionError};
 use serde::{Deserialize, Serialize};
@@ -26,6 +25,7 @@ use tantivy::{
     DocAddress, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term,
 };
 
+use crate::snippet::Highlighter;
 use crate::{PARKED_RECENT_MAX, POST_SEARCH, decode, hex, micros};
 
 /// Longest accepted query text, in bytes.
@@ -189,11 +189,7 @@ pub fn open(
     // the raw drain and posts-query from 32.5 to 29.5 us of CPU per event
     // (8 alternating pairs of `bench --only catchup`).
     settings.docstore_compress_dedicated_thread = false;
-    // Tokenizers are not stored with the index: the same one for every
-    // writer and reader of it, under the name `TEXT` fields use.
-    index
-        .tokenizers()
-        .register("default", crate::tokenizer::PostTokenizer::default());
+    register_tokenizers(&index);
     let payload: CommitPayload = index
         .load_metas()?
         .payload
@@ -555,6 +551,16 @@ impl SearchProjection {
         self.last_commit = Instant::now();
         Ok(())
     }
+}
+
+/// Tokenizers are not stored with the index: the same one for every writer
+/// and reader of it, under the name `TEXT` fields use. The highlighter's
+/// ASCII path cuts words as this tokenizer does (its test registers the
+/// tokenizers through here).
+pub(crate) fn register_tokenizers(index: &Index) {
+    index
+        .tokenizers()
+        .register("default", crate::tokenizer::PostTokenizer::default());
 }
 
 /// What an upsert deletes: the documents of one post id, unscored, in the

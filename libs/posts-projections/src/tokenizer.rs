@@ -66,14 +66,17 @@ impl Tokenizer for PostTokenizer {
     }
 }
 
-/// The next word of ASCII text from byte `*at` on, as the generic chain
-/// cuts it: a run of alphanumerics. `Err` for a run of
-/// [`TOKEN_BYTES_LIMIT`] bytes or more, which is dropped but, like any
-/// token, takes a position. `None` at the end of the text.
-pub(crate) fn next_ascii_word(
-    bytes: &[u8],
-    at: &mut usize,
-) -> Option<Result<std::ops::Range<usize>, ()>> {
+/// A run of alphanumerics in ASCII text, as the generic chain cuts it.
+pub(crate) enum AsciiWord {
+    /// A token: its byte range.
+    Word(std::ops::Range<usize>),
+    /// [`TOKEN_BYTES_LIMIT`] bytes or more: dropped, but like any token it
+    /// takes a position.
+    TooLong,
+}
+
+/// The next word of ASCII text from byte `*at` on; `None` at the end.
+pub(crate) fn next_ascii_word(bytes: &[u8], at: &mut usize) -> Option<AsciiWord> {
     let Some(start) = bytes[*at..]
         .iter()
         .position(u8::is_ascii_alphanumeric)
@@ -88,9 +91,9 @@ pub(crate) fn next_ascii_word(
         .map_or(bytes.len(), |i| start + i);
     *at = end;
     Some(if end - start >= TOKEN_BYTES_LIMIT {
-        Err(())
+        AsciiWord::TooLong
     } else {
-        Ok(start..end)
+        AsciiWord::Word(start..end)
     })
 }
 
@@ -103,8 +106,8 @@ impl TokenStream for AsciiTokenStream<'_> {
             self.token.position = self.token.position.wrapping_add(1);
             match next_ascii_word(self.bytes, &mut self.at) {
                 None => return false,
-                Some(Err(())) => {}
-                Some(Ok(word)) => {
+                Some(AsciiWord::TooLong) => {}
+                Some(AsciiWord::Word(word)) => {
                     self.token.offset_from = word.start;
                     self.token.offset_to = word.end;
                     self.token.text.extend(
