@@ -16,6 +16,7 @@ use std::ops::Range;
 
 use tantivy::query::Query;
 use tantivy::schema::Field;
+use tantivy::snippet::collapse_overlapped_ranges;
 use tantivy::tokenizer::{TextAnalyzer, TokenStream};
 use tantivy::{Score, Searcher, Term};
 
@@ -128,7 +129,7 @@ impl Highlighter {
         let fragment = &text[best.start..best.stop];
         let mut html = String::with_capacity(fragment.len() + 16 * best.highlighted.len());
         let mut from = 0;
-        for range in collapse(best.highlighted, best.start) {
+        for range in collapse(&best.highlighted, best.start) {
             escape_into(&mut html, &fragment[from..range.start]);
             html.push_str("<b>");
             escape_into(&mut html, &fragment[range.clone()]);
@@ -204,22 +205,15 @@ impl FragmentSearch {
     }
 }
 
-/// Highlighted ranges relative to the fragment, sorted, without duplicates,
-/// overlapping ones merged (adjacent ones are not), as tantivy's `to_html`.
-fn collapse(mut ranges: Vec<Range<usize>>, start: usize) -> Vec<Range<usize>> {
-    for r in &mut ranges {
-        *r = r.start - start..r.end - start;
-    }
-    ranges.sort_by_key(|r| (r.start, r.end));
-    ranges.dedup();
-    let mut merged: Vec<Range<usize>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match merged.last_mut() {
-            Some(last) if last.end > r.start => last.end = last.end.max(r.end),
-            _ => merged.push(r),
-        }
-    }
-    merged
+/// Highlighted ranges relative to the fragment, collapsed by tantivy's own
+/// `to_html` step: sorted, without duplicates, overlapping ones merged
+/// (adjacent ones are not).
+fn collapse(ranges: &[Range<usize>], start: usize) -> Vec<Range<usize>> {
+    let relative: Vec<Range<usize>> = ranges
+        .iter()
+        .map(|r| r.start - start..r.end - start)
+        .collect();
+    collapse_overlapped_ranges(&relative)
 }
 
 /// `htmlescape::encode_minimal`, which tantivy uses: `"`, `&`, `'`, `<`, `>`.
@@ -386,10 +380,7 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_merge_and_adjacent_ones_do_not() {
-        assert_eq!(
-            collapse(vec![12..14, 10..12, 10..12, 11..13], 10),
-            vec![0..4]
-        );
-        assert_eq!(collapse(vec![10..12, 12..14], 10), vec![0..2, 2..4]);
+        assert_eq!(collapse(&[12..14, 10..12, 10..12, 11..13], 10), vec![0..4]);
+        assert_eq!(collapse(&[10..12, 12..14], 10), vec![0..2, 2..4]);
     }
 }
