@@ -572,6 +572,21 @@ impl ServiceProcess {
         }
     }
 
+    /// SIGSTOP: the process stays alive but runs nothing (its sockets fill
+    /// up) until [`ServiceProcess::resume`]; a SIGKILL still ends it.
+    pub fn suspend(&self) {
+        if let Some(c) = &self.child {
+            signal(c, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`ServiceProcess::suspend`].
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            signal(c, libc::SIGCONT);
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status, up to `deadline`.
     ///
     /// # Errors

@@ -1,18 +1,26 @@
-//! Scenario 1: SIGKILL of the query service at random moments under a mixed
-//! write load, restarted on the same data dir each time. Nothing applied
-//! twice, nothing skipped, views equal to a rebuild from sequence 1.
+//! Scenario 1: SIGKILL of the query service under a mixed write load,
+//! restarted on the same data dir each time: every other kill at a random
+//! moment, the others part-way through a backlog (the service is suspended,
+//! a backlog written, the service resumed and killed once `/projections`
+//! shows it applying: half of them with post-view itself between two
+//! batches, the others with post-search's latest events not yet committed).
+//! Nothing applied twice, nothing skipped, views equal to a rebuild from
+//! sequence 1.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::ensure;
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats};
+use anyhow::{Context, bail, ensure};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
-    COMMAND_TIMEOUT, Ctx, Summary, read_client, run_replay, spawn_command, spawn_query, wait_ready,
+    CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, Rng, Service, Summary, projections, read_client,
+    run_replay, spawn_command, spawn_query, wait_ready,
 };
-use crate::workload::{LoadConfig, Mix, Oracle, Writers, snapshot};
+use crate::workload::{
+    LoadConfig, Mix, Oracle, SharedOracle, Writers, choose, lock, send_recorded, snapshot,
+};
 
 /// Writer tasks issuing commands concurrently.
 const WRITERS: usize = 8;
@@ -23,6 +31,16 @@ const KILLS_PER_ROUND: u64 = 10;
 const BETWEEN_KILLS_MS: (u64, u64) = (0, 1_200);
 /// Pause between two commands of one writer, in ms.
 const PACE_MS: (u64, u64) = (60, 220);
+/// Backlog sizes (commands) tried in turn for a kill part-way through a
+/// backlog, until one is big enough that the kill lands while applying.
+/// Post-view applies up to 2,000 events a batch, so a kill between two of
+/// its batches starts at 4,000.
+const BACKLOG_COMMANDS: [u64; 4] = [600, 2_400, 9_600, 24_000];
+const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 3] = [4_000, 12_000, 30_000];
+/// Commands in flight while a backlog is written.
+const BACKLOG_IN_FLIGHT: u64 = 32;
+/// Writing a backlog, at most.
+const BACKLOG_DEADLINE: Duration = Duration::from_secs(120);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
@@ -45,16 +63,61 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut summary = Summary::default();
 
     let kills = KILLS_PER_ROUND.max(ctx.rounds * KILLS_PER_ROUND);
-    for _ in 0..kills {
-        tokio::time::sleep(rng.millis(BETWEEN_KILLS_MS.0, BETWEEN_KILLS_MS.1)).await;
+    let (mut behind, mut view_midway, mut backlog_commands) = (0u64, 0u64, 0u64);
+    let mut lags = Vec::new();
+    for k in 0..kills {
+        if k % 2 == 0 {
+            tokio::time::sleep(rng.millis(BETWEEN_KILLS_MS.0, BETWEEN_KILLS_MS.1)).await;
+            query.kill();
+        } else {
+            let view_too = k % 4 == 3;
+            let sizes: &[u64] = if view_too {
+                &BACKLOG_COMMANDS_VIEW_MIDWAY
+            } else {
+                &BACKLOG_COMMANDS
+            };
+            let mut killed = None;
+            for (attempt, &n) in sizes.iter().enumerate() {
+                backlog_commands += n;
+                let tag = format!("{}-b{k}-a{attempt}", cfg.tag);
+                let backlog = Backlog {
+                    commands: n,
+                    view_midway: view_too,
+                    tag: &tag,
+                };
+                killed =
+                    kill_mid_backlog(&mut query, &reads, &cfg, &oracle, &mut rng, &backlog).await?;
+                if killed.is_some() {
+                    break;
+                }
+            }
+            let Some(lag) = killed else {
+                bail!(
+                    "posts-query applied backlogs of up to {} commands before /projections \
+                     showed it part-way{}; no kill landed mid-backlog",
+                    sizes[sizes.len() - 1],
+                    if view_too {
+                        " (post-view between batches)"
+                    } else {
+                        ""
+                    }
+                );
+            };
+            behind += 1;
+            view_midway += u64::from(view_too);
+            lags.push(lag);
+        }
         let killed_at = Instant::now();
-        query.kill();
         summary.kills += 1;
         query.restart().await?;
         wait_ready(&reads, &query).await?;
         summary.recovered("ready", killed_at.elapsed());
     }
     writers.stop().await?;
+    summary.note("kills_mid_backlog", behind);
+    summary.note("kills_view_midway", view_midway);
+    summary.note("lags_at_kill", format!("{lags:?}").replace(' ', ""));
+    summary.note("backlog_commands", backlog_commands);
 
     let mut mirror = Mirror::new(StreamReader::connect(&url).await?);
     let o = snapshot(&oracle);
@@ -86,7 +149,102 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     summary.ensure_nothing_lost()?;
     o.ensure_clean_answers(false)?;
     replay_ok?;
-    ensure!(summary.kills >= kills, "only {} kills", summary.kills);
+    ensure!(
+        o.stats.acked > backlog_commands / 2,
+        "only {} commands acknowledged; the kills met too little load",
+        o.stats.acked
+    );
     data.remove();
     Ok(())
+}
+
+struct Backlog<'a> {
+    commands: u64,
+    /// Kill only with post-view itself short of the stream's last sequence.
+    view_midway: bool,
+    /// Titles, contents and correlation ids carry it.
+    tag: &'a str,
+}
+
+/// Suspends `query`, writes a backlog of commands through the command
+/// service (in the oracle like the writers'), resumes it, and SIGKILLs it as
+/// soon as `/projections` shows it part-way through: post-view past where it
+/// was before the backlog, and a projection (post-view itself if
+/// `view_midway`) short of the stream's last sequence. Returns the largest
+/// shortfall, or `None` (no kill) when the service was already past that
+/// point at the first look that saw it move.
+async fn kill_mid_backlog(
+    query: &mut Service,
+    reads: &reqwest::Client,
+    cfg: &LoadConfig,
+    oracle: &SharedOracle,
+    rng: &mut Rng,
+    backlog: &Backlog<'_>,
+) -> anyhow::Result<Option<u64>> {
+    let view_checkpoint = |ps: &[crate::support::ProjectionStatus]| {
+        ps.iter()
+            .find(|p| p.name == "post-view")
+            .map(|p| p.checkpoint)
+    };
+    let before = projections(reads, query).await?;
+    let view_before = view_checkpoint(&before).context("no post-view in /projections")?;
+    query.suspend();
+    let written = write_backlog(cfg, oracle, rng, backlog.commands, backlog.tag).await;
+    query.resume();
+    written?;
+    let seen = wait_for(
+        "posts-query to move into its backlog",
+        CATCH_UP_DEADLINE,
+        || async {
+            let now = projections(reads, query).await.ok()?;
+            let view = view_checkpoint(&now)?;
+            let last = now.iter().find_map(|p| p.stream_last_seq)?;
+            let lowest = now.iter().map(|p| p.checkpoint).min()?;
+            let short = if backlog.view_midway {
+                last.saturating_sub(view)
+            } else {
+                last.saturating_sub(lowest)
+            };
+            (view > view_before).then_some(short)
+        },
+    )
+    .await?;
+    if seen == 0 {
+        return Ok(None);
+    }
+    query.kill();
+    Ok(Some(seen))
+}
+
+/// `n` commands chosen like the writers' and filed in the oracle,
+/// [`BACKLOG_IN_FLIGHT`] at a time.
+async fn write_backlog(
+    cfg: &LoadConfig,
+    oracle: &SharedOracle,
+    rng: &mut Rng,
+    n: u64,
+    tag: &str,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..BACKLOG_IN_FLIGHT {
+        let (mut cfg, oracle, mut rng) = (cfg.clone(), oracle.clone(), rng.fork(t));
+        // Titles and contents carry the tag: unique per task and command.
+        cfg.tag = format!("{tag}-t{t}");
+        tasks.spawn(async move {
+            let base = &cfg.command_urls[usize::try_from(t).unwrap_or(0) % cfg.command_urls.len()];
+            for i in (t..n).step_by(usize::try_from(BACKLOG_IN_FLIGHT).unwrap_or(1)) {
+                let plan = choose(&mut rng, &lock(&oracle), &cfg, i);
+                let corr = format!("{}-n{i}", cfg.tag);
+                send_recorded(&cfg, &oracle, base, &plan, &corr).await;
+            }
+        });
+    }
+    tokio::time::timeout(BACKLOG_DEADLINE, async {
+        while let Some(done) = tasks.join_next().await {
+            done.context("backlog writer")?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("writing a backlog of {n} commands took over {BACKLOG_DEADLINE:?}"))?
 }
