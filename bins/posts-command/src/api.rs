@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use eventstore::{AppendError, ExecuteError, LoadError, Metadata};
 use posts::{Command, PostState, Rejection};
 use serde::{Deserialize, Serialize};
-use servicekit::{Problem, parse_id};
+use servicekit::{PathParam, Problem, parse_id};
 use sha2::{Digest, Sha256};
 
 use crate::AppState;
@@ -414,7 +414,7 @@ async fn create(
 
 async fn update(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -440,7 +440,7 @@ async fn update(
 
 async fn delete(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let post_id = parse_id(&raw_id, "post")?;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -14,7 +14,7 @@ use posts_projections::view::{Row, ViewError};
 use posts_projections::{POST_SEARCH, POST_VIEW, format_micros};
 use serde::Serialize;
 use serde_json::{Value, json};
-use servicekit::{Problem, parse_id};
+use servicekit::{PathParam, Problem, parse_id};
 
 use crate::AppState;
 
@@ -71,6 +71,24 @@ fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Problem> {
     }
 }
 
+/// The read's `min_seq` (query param, else `X-Min-Seq`), if it has one.
+fn min_seq(params: &HashMap<String, String>, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let invalid = |raw: &str| {
+        bad(
+            "invalid-min-seq",
+            format!("min_seq must be a stream sequence (u64), got {raw:?}"),
+        )
+    };
+    let raw = match (params.get("min_seq"), headers.get("x-min-seq")) {
+        (Some(p), _) => p.as_str(),
+        (None, Some(h)) => h
+            .to_str()
+            .map_err(|_| invalid(&String::from_utf8_lossy(h.as_bytes())))?,
+        (None, None) => return Ok(None),
+    };
+    raw.trim().parse().map(Some).map_err(|_| invalid(raw))
+}
+
 /// Waits until `projection` has applied `min_seq` (query param or
 /// `X-Min-Seq`), on a notification, at most [`MIN_SEQ_WAIT_MAX`].
 async fn read_your_writes(
@@ -79,19 +97,9 @@ async fn read_your_writes(
     params: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<(), Problem> {
-    let raw = params
-        .get("min_seq")
-        .map(String::as_str)
-        .or_else(|| headers.get("x-min-seq").and_then(|v| v.to_str().ok()));
-    let Some(raw) = raw else {
+    let Some(min_seq) = min_seq(params, headers)? else {
         return Ok(());
     };
-    let min_seq: u64 = raw.trim().parse().map_err(|_| {
-        bad(
-            "invalid-min-seq",
-            format!("min_seq must be a stream sequence (u64), got {raw:?}"),
-        )
-    })?;
     let Some(status) = state.status(projection) else {
         return Ok(());
     };
@@ -151,7 +159,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn get_post(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
@@ -196,7 +204,7 @@ fn decode_offset(cursor: &str) -> Result<usize, Problem> {
     cursor
         .strip_prefix("o")
         .and_then(|n| n.parse::<usize>().ok())
-        .filter(|n| *n <= 100_000)
+        .filter(|n| *n <= posts_projections::search::SEARCH_OFFSET_MAX)
         .ok_or_else(|| {
             bad(
                 "invalid-cursor",
@@ -277,9 +285,28 @@ fn event_json(event: &Event) -> Value {
 
 async fn history(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
+    Query(params): Params,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw_id, "post")?;
+    // History is read from the stream itself, so it holds every write the
+    // stream has; `min_seq` only needs the stream to have reached it.
+    if let Some(min_seq) = min_seq(&params, &headers)? {
+        let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, state.inner.store.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
+            })?;
+        if last < min_seq {
+            return Err(Problem::unavailable(
+                format!("the stream is at sequence {last}, not yet {min_seq}; retry shortly"),
+                RETRY_AFTER_SECS,
+            ));
+        }
+    }
     let events = state.inner.store.load(&id, 0).await.map_err(|e| match e {
         eventstore::LoadError::Unavailable(_) => {
             Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)

@@ -325,8 +325,15 @@ impl EventStore {
                 Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => break,
                 Err(e) => return Err(LoadError::Unavailable(e.to_string())),
             };
-            // Direct gets must move forward; anything else is a server bug.
-            assert!(msg.sequence >= next, "direct get went backwards");
+            // Direct gets must move forward; anything else is a server bug
+            // (or a replica answering from behind): an error, not a loop.
+            if msg.sequence < next {
+                return Err(LoadError::Unavailable(format!(
+                    "direct get for {subject} after sequence {} answered sequence {}",
+                    next - 1,
+                    msg.sequence
+                )));
+            }
             let event = RecordedEvent::from_parts(
                 msg.subject.as_str(),
                 &self.subject_prefix,

@@ -171,6 +171,22 @@ pub async fn provision(
                     detail: problems.join(", "),
                 });
             }
+            // Safe to run with, but not what this deployment asked for: an
+            // operator changes these on purpose (`nats stream edit`), never a
+            // service on start.
+            if have.num_replicas != wanted.num_replicas
+                || have.duplicate_window != wanted.duplicate_window
+            {
+                tracing::warn!(
+                    stream = %spec.name,
+                    replicas = have.num_replicas,
+                    wanted_replicas = wanted.num_replicas,
+                    duplicate_window_s = have.duplicate_window.as_secs(),
+                    wanted_duplicate_window_s = wanted.duplicate_window.as_secs(),
+                    "the stream exists with other replicas or duplicate window than configured; \
+                     using it as it is"
+                );
+            }
             Ok(existing)
         }
         Err(_) => js

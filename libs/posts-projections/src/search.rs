@@ -84,6 +84,10 @@ const TITLE_REPEAT: usize = 2;
 /// A typo match counts less than an exact one.
 const FUZZY_WEIGHT: f32 = 0.3;
 const SNIPPET_CHARS_MAX: usize = 160;
+/// The deepest a search pages: ranking a page at offset `n` keeps the top
+/// `n + limit` hits, so deeper pages cost more; a cursor past this is
+/// refused and no page offers one.
+pub const SEARCH_OFFSET_MAX: usize = 100_000;
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -896,6 +900,13 @@ fn count_conjunction(searcher: &tantivy::Searcher, terms: &[Term]) -> tantivy::R
 
 /// Splits user text into words and quoted phrases. Never fails: an unclosed
 /// quote just ends the phrase at the end of the text.
+/// Where the page after one of `hits` hits at `offset` starts, if there is
+/// more and it is not deeper than [`SEARCH_OFFSET_MAX`].
+fn next_offset(offset: usize, hits: usize, total: usize) -> Option<usize> {
+    let next = offset + hits;
+    (hits > 0 && next < total && next <= SEARCH_OFFSET_MAX).then_some(next)
+}
+
 fn split_query(q: &str) -> Vec<(bool, String)> {
     let mut out = Vec::new();
     for (i, part) in q.split('"').enumerate() {
@@ -1129,8 +1140,7 @@ impl SearchReader {
                 highlights,
             });
         }
-        let next_offset =
-            (offset + hits.len() < total && !hits.is_empty()).then_some(offset + hits.len());
+        let next_offset = next_offset(offset, hits.len(), total);
         Ok(Results {
             hits,
             total,
@@ -1641,6 +1651,17 @@ mod tests {
         assert_eq!(reader.get("p0").unwrap().unwrap().content, "rewritten");
         let posts = COMMITS as u64 + 1;
         assert_eq!(reader.reader.searcher().num_docs(), posts);
+    }
+
+    #[test]
+    fn no_page_offers_a_cursor_deeper_than_the_cursors_accepted() {
+        assert_eq!(next_offset(0, 20, 50), Some(20));
+        assert_eq!(next_offset(40, 10, 50), None);
+        assert_eq!(next_offset(0, 0, 50), None);
+        let max = SEARCH_OFFSET_MAX;
+        assert_eq!(next_offset(max - 20, 20, max * 2), Some(max));
+        assert_eq!(next_offset(max, 20, max * 2), None);
+        assert_eq!(next_offset(max - 10, 20, max * 2), None);
     }
 
     #[test]

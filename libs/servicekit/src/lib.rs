@@ -104,6 +104,34 @@ pub fn parse_id(raw: &str, what: &str) -> Result<String, Problem> {
     }
 }
 
+/// The one path parameter of a route such as `/posts/{id}`, raw (check it
+/// with [`parse_id`]). Unlike axum's `Path`, a parameter axum cannot decode
+/// (`/posts/%FF`, not UTF-8) is refused with a problem document.
+#[derive(Debug)]
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(raw)| Self(raw))
+            .map_err(|rejection| {
+                let status = rejection.status();
+                let detail = rejection.body_text();
+                if status.is_client_error() {
+                    Problem::new(status, "invalid-path", detail)
+                } else {
+                    Problem::internal(&detail)
+                }
+            })
+    }
+}
+
 /// 404 for any route that does not exist, as a problem document.
 pub async fn no_route() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no-route", "no such route")

@@ -629,6 +629,11 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
             .assert_problem(400, "not a UUID");
         env.delete(bad).await?.assert_problem(400, "not a UUID");
     }
+    // An id that is not UTF-8 once decoded.
+    env.patch("%FF", &json!({"title": "x"}), None)
+        .await?
+        .assert_problem(400, "UTF-8");
+    env.delete("%FF").await?.assert_problem(400, "UTF-8");
 
     // Routes.
     env.get("/no-such-route")

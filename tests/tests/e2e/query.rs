@@ -540,6 +540,10 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
             .await?
             .assert_problem(400, "not a UUID");
     }
+    // A path parameter that is not UTF-8 once decoded.
+    for path in ["/posts/%FF", "/posts/%FF/events"] {
+        get(path, vec![]).await?.assert_problem(400, "UTF-8");
+    }
     get(
         &format!("/posts/{}", post.post_id),
         vec![("include_deleted", "maybe".into())],
@@ -659,7 +663,9 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
         format!("/posts/{}", post.post_id),
         "/posts".to_string(),
         "/posts/search?q=lorem".to_string(),
+        format!("/posts/{}/events", post.post_id),
     ];
+    let not_utf8 = reqwest::header::HeaderValue::from_bytes(b"1\xff").expect("obs-text");
     for path in &paths {
         for bad in ["abc", "-1", "1.5", "18446744073709551616", ""] {
             let sep = if path.contains('?') { '&' } else { '?' };
@@ -670,7 +676,26 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
                 r.assert_problem(400, "min_seq");
             }
         }
+        let r = Reply::of(
+            env.http
+                .get(env.q(path))
+                .header("X-Min-Seq", not_utf8.clone()),
+        )
+        .await?;
+        r.assert_problem(400, "min_seq");
     }
+    // History is read from the stream: a sequence it holds is there at once,
+    // one it has not reached yet is a 503 to retry.
+    let history = format!("/posts/{}/events", post.post_id);
+    let r = get(&history, vec![("min_seq", post.seq.to_string())]).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get(
+        &history,
+        vec![("min_seq", (post.seq + 1_000_000).to_string())],
+    )
+    .await?;
+    r.assert_problem(503, "not yet");
+    assert!(r.header("retry-after").is_some(), "{r:?}");
 
     get("/no/such/route", vec![])
         .await?
