@@ -307,27 +307,42 @@ async fn history(
             ));
         }
     }
-    let events = state.inner.store.load(&id, 0).await.map_err(|e| match e {
+    let entries = state.inner.store.history(&id).await.map_err(|e| match e {
         eventstore::LoadError::Unavailable(_) => {
             Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
         }
-        eventstore::LoadError::Corrupt { seq, reason } => Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "corrupt-history",
-            format!("event at stream sequence {seq} has a broken envelope: {reason}"),
-        ),
-        e @ eventstore::LoadError::TooLong(_) => Problem::internal(&e),
+        e @ (eventstore::LoadError::Corrupt { .. } | eventstore::LoadError::TooLong(_)) => {
+            Problem::internal(&e)
+        }
     })?;
-    if events.is_empty() {
+    if entries.is_empty() {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
             format!("post {id} not found"),
         ));
     }
-    let data: Vec<Value> = events
+    let data: Vec<Value> = entries
         .iter()
-        .map(|e| {
+        .map(|entry| {
+            // A message something other than a command service put on the
+            // post's subject: shown in its place, like an undecodable payload.
+            let e = match entry {
+                Ok(e) => e,
+                Err((seq, reason)) => {
+                    return json!({
+                        "seq": seq,
+                        "type": null,
+                        "schema": null,
+                        "occurred_at": null,
+                        "event_id": null,
+                        "correlation_id": null,
+                        "causation_id": null,
+                        "data": null,
+                        "error": format!("broken envelope: {reason}"),
+                    });
+                }
+            };
             let mut v = json!({
                 "seq": e.seq,
                 "type": e.event_type,

@@ -309,12 +309,51 @@ impl EventStore {
         aggregate_id: &str,
         after_seq: u64,
     ) -> Result<Vec<RecordedEvent>, LoadError> {
+        let mut events = Vec::new();
+        self.read_subject(aggregate_id, after_seq, |entry| {
+            events.push(entry.map_err(|(seq, reason)| LoadError::Corrupt { seq, reason })?);
+            Ok(())
+        })
+        .await?;
+        Ok(events)
+    }
+
+    /// Every message on `aggregate_id`'s subject, in order, for showing it:
+    /// one whose envelope is broken (published by something other than a
+    /// command service) is an `Err` with its sequence and the reason, in its
+    /// place, instead of ending the read.
+    ///
+    /// # Errors
+    /// [`LoadError::Unavailable`] when NATS does not answer;
+    /// [`LoadError::TooLong`] past the fold limit.
+    pub async fn history(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<Result<RecordedEvent, (u64, String)>>, LoadError> {
+        let mut entries = Vec::new();
+        self.read_subject(aggregate_id, 0, |entry| {
+            entries.push(entry);
+            Ok(())
+        })
+        .await?;
+        Ok(entries)
+    }
+
+    /// Hands each message on `aggregate_id`'s subject above `after_seq` to
+    /// `each`, decoded into an event or, if its envelope is broken, as its
+    /// sequence and the reason.
+    async fn read_subject(
+        &self,
+        aggregate_id: &str,
+        after_seq: u64,
+        mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<(), LoadError>,
+    ) -> Result<(), LoadError> {
         if !self.is_connected() {
             return Err(LoadError::Unavailable("not connected to NATS".into()));
         }
         let subject = self.subject_for(aggregate_id);
-        let mut events = Vec::new();
         let mut next = after_seq + 1;
+        let mut count = 0usize;
         loop {
             let msg = match self
                 .stream
@@ -322,7 +361,7 @@ impl EventStore {
                 .await
             {
                 Ok(msg) => msg,
-                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => break,
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
                 Err(e) => return Err(LoadError::Unavailable(e.to_string())),
             };
             // Direct gets must move forward; anything else is a server bug
@@ -334,24 +373,23 @@ impl EventStore {
                     msg.sequence
                 )));
             }
-            let event = RecordedEvent::from_parts(
-                msg.subject.as_str(),
-                &self.subject_prefix,
-                msg.sequence,
-                Some(&msg.headers),
-                msg.payload,
-            )
-            .map_err(|e| LoadError::Corrupt {
-                seq: msg.sequence,
-                reason: e.to_string(),
-            })?;
-            next = event.seq + 1;
-            events.push(event);
-            if events.len() > AGGREGATE_EVENTS_MAX {
+            next = msg.sequence + 1;
+            count += 1;
+            if count > AGGREGATE_EVENTS_MAX {
                 return Err(LoadError::TooLong(aggregate_id.to_string()));
             }
+            let seq = msg.sequence;
+            each(
+                RecordedEvent::from_parts(
+                    msg.subject.as_str(),
+                    &self.subject_prefix,
+                    seq,
+                    Some(&msg.headers),
+                    msg.payload,
+                )
+                .map_err(|e| (seq, e.to_string())),
+            )?;
         }
-        Ok(events)
     }
 
     /// Reads one message by stream sequence.

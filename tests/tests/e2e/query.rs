@@ -985,6 +985,23 @@ async fn poison_events_are_parked_dead_lettered_and_passed_over() -> TestResult 
             .assert_problem(404, id);
     }
 
+    // Their histories show them, each in its place with what is wrong: an
+    // undecodable payload, and a message with no envelope at all.
+    for ((_, seq, id, _), error) in poison[..2].iter().zip([
+        "payload is malformed",
+        "broken envelope: header Event-Type is missing",
+    ]) {
+        let reply = env.get(&format!("/posts/{id}/events")).await?;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let v = reply.json();
+        let shown = v["data"].as_array().expect("data array");
+        assert_eq!(shown.len(), 1, "{v}");
+        assert_eq!(shown[0]["seq"], *seq, "{v}");
+        assert!(shown[0]["data"].is_null(), "{v}");
+        let said = shown[0]["error"].as_str().unwrap_or_default();
+        assert!(said.contains(error), "{error:?}: {v}");
+    }
+
     // Parked, counted and shown, per projection.
     let entries = wait_checkpoints(&env.http, &env.query.base_url, after.seq).await?;
     let want_seqs: BTreeSet<u64> = poison.iter().map(|p| p.1).collect();
