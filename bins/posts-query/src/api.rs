@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use posts::Event;
-use posts_projections::search::SearchError;
+use posts_projections::search::{SEARCH_OFFSET_MAX, SearchError};
 use posts_projections::view::{Row, ViewError};
 use posts_projections::{POST_SEARCH, POST_VIEW, format_micros};
 use serde::Serialize;
@@ -204,7 +204,7 @@ fn decode_offset(cursor: &str) -> Result<usize, Problem> {
     cursor
         .strip_prefix("o")
         .and_then(|n| n.parse::<usize>().ok())
-        .filter(|n| *n <= posts_projections::search::SEARCH_OFFSET_MAX)
+        .filter(|n| *n <= SEARCH_OFFSET_MAX)
         .ok_or_else(|| {
             bad(
                 "invalid-cursor",
@@ -290,16 +290,14 @@ async fn history(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw_id, "post")?;
-    // History is read from the stream itself, so it holds every write the
-    // stream has; `min_seq` only needs the stream to have reached it.
-    if let Some(min_seq) = min_seq(&params, &headers)? {
-        let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, state.inner.store.last_seq())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
-            })?;
+    // History is read from the stream itself. With `min_seq` it is read
+    // through the stream leader, which has every acknowledged write, once
+    // the stream has reached `min_seq`; without, any replica answers.
+    let wanted = min_seq(&params, &headers)?;
+    if let Some(min_seq) = wanted {
+        let last = stream_last_seq(&state).await.ok_or_else(|| {
+            Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
+        })?;
         if last < min_seq {
             return Err(Problem::unavailable(
                 format!("the stream is at sequence {last}, not yet {min_seq}; retry shortly"),
@@ -307,14 +305,20 @@ async fn history(
             ));
         }
     }
-    let entries = state.inner.store.history(&id).await.map_err(|e| match e {
-        eventstore::LoadError::Unavailable(_) => {
-            Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
-        }
-        e @ (eventstore::LoadError::Corrupt { .. } | eventstore::LoadError::TooLong(_)) => {
-            Problem::internal(&e)
-        }
-    })?;
+    let from_leader = wanted.is_some();
+    let entries = state
+        .inner
+        .store
+        .history(&id, from_leader)
+        .await
+        .map_err(|e| match e {
+            eventstore::LoadError::Unavailable(_) => {
+                Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
+            }
+            e @ (eventstore::LoadError::Corrupt { .. } | eventstore::LoadError::TooLong(_)) => {
+                Problem::internal(&e)
+            }
+        })?;
     if entries.is_empty() {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -365,11 +369,17 @@ async fn history(
     Ok(Json(json!({ "data": data })).into_response())
 }
 
-async fn projections(State(state): State<AppState>) -> Response {
-    let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, state.inner.store.last_seq())
+/// The stream's last sequence, from its leader; `None` if it does not answer
+/// within [`STREAM_INFO_TIMEOUT`].
+async fn stream_last_seq(state: &AppState) -> Option<u64> {
+    tokio::time::timeout(STREAM_INFO_TIMEOUT, state.inner.store.last_seq())
         .await
         .ok()
-        .and_then(Result::ok);
+        .and_then(Result::ok)
+}
+
+async fn projections(State(state): State<AppState>) -> Response {
+    let last = stream_last_seq(&state).await;
     let view = state.view();
     let search = state.search();
     let recent: HashMap<&str, Vec<projection::Parked>> = blocking(move || {

@@ -147,14 +147,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
     // Poison events are parked exactly as the live runner parks them; a DLQ
     // made here gets as many replicas as the event stream has.
     if js.get_stream("DLQ").await.is_err() {
-        let replicas = match js.get_stream(&StreamSpec::posts(1).name).await {
-            Ok(mut posts) => posts
-                .info()
-                .await
-                .map_or(1, |i| i.config.num_replicas.max(1)),
-            Err(_) => 1,
-        };
-        provision(&js, &dlq_spec(replicas))
+        provision(&js, &dlq_spec(store.replicas()))
             .await
             .context("cannot create stream DLQ")?;
     }

@@ -61,6 +61,16 @@ pub enum LoadError {
     TooLong(String),
 }
 
+/// Which server answers a read.
+#[derive(Clone, Copy)]
+enum Replica {
+    /// Direct gets: any replica, the nearest or least busy; one that lags
+    /// answers from what it has.
+    Any,
+    /// The stream leader, which has every acknowledged write.
+    Leader,
+}
+
 /// Appends and reads the events of one stream, one subject per aggregate.
 #[derive(Clone, Debug)]
 pub struct EventStore {
@@ -177,6 +187,12 @@ impl EventStore {
     #[must_use]
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+
+    /// The stream's replica count, as it was when this store was opened.
+    #[must_use]
+    pub fn replicas(&self) -> usize {
+        self.stream.cached_info().config.num_replicas.max(1)
     }
 
     /// The stream's last sequence, asked of the server.
@@ -310,7 +326,7 @@ impl EventStore {
         after_seq: u64,
     ) -> Result<Vec<RecordedEvent>, LoadError> {
         let mut events = Vec::new();
-        self.read_subject(aggregate_id, after_seq, |entry| {
+        self.read_subject(aggregate_id, after_seq, Replica::Any, |entry| {
             events.push(entry.map_err(|(seq, reason)| LoadError::Corrupt { seq, reason })?);
             Ok(())
         })
@@ -321,7 +337,9 @@ impl EventStore {
     /// Every message on `aggregate_id`'s subject, in order, for showing it:
     /// one whose envelope is broken (published by something other than a
     /// command service) is an `Err` with its sequence and the reason, in its
-    /// place, instead of ending the read.
+    /// place, instead of ending the read. `from_leader` reads through the
+    /// stream leader, which holds every acknowledged write; otherwise any
+    /// replica answers (direct gets), and one that lags may miss the latest.
     ///
     /// # Errors
     /// [`LoadError::Unavailable`] when NATS does not answer;
@@ -329,9 +347,15 @@ impl EventStore {
     pub async fn history(
         &self,
         aggregate_id: &str,
+        from_leader: bool,
     ) -> Result<Vec<Result<RecordedEvent, (u64, String)>>, LoadError> {
+        let from = if from_leader {
+            Replica::Leader
+        } else {
+            Replica::Any
+        };
         let mut entries = Vec::new();
-        self.read_subject(aggregate_id, 0, |entry| {
+        self.read_subject(aggregate_id, 0, from, |entry| {
             entries.push(entry);
             Ok(())
         })
@@ -346,6 +370,7 @@ impl EventStore {
         &self,
         aggregate_id: &str,
         after_seq: u64,
+        from: Replica,
         mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<(), LoadError>,
     ) -> Result<(), LoadError> {
         if !self.is_connected() {
@@ -355,17 +380,30 @@ impl EventStore {
         let mut next = after_seq + 1;
         let mut count = 0usize;
         loop {
-            let msg = match self
-                .stream
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await
-            {
-                Ok(msg) => msg,
-                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
-                Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+            let msg = match from {
+                Replica::Any => match self
+                    .stream
+                    .direct_get_next_for_subject(subject.clone(), Some(next))
+                    .await
+                {
+                    Ok(msg) => msg,
+                    Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
+                    Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+                },
+                Replica::Leader => match self
+                    .stream
+                    .get_first_raw_message_by_subject(&subject, next)
+                    .await
+                {
+                    Ok(msg) => msg,
+                    Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+                },
             };
-            // Direct gets must move forward; anything else is a server bug
-            // (or a replica answering from behind): an error, not a loop.
+            // Reads must move forward; anything else is a server bug: an
+            // error, not a loop.
             if msg.sequence < next {
                 return Err(LoadError::Unavailable(format!(
                     "direct get for {subject} after sequence {} answered sequence {}",

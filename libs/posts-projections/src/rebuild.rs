@@ -2,7 +2,7 @@
 //! Shared by the `replay` tool (offline, on the files) and by `posts-query`
 //! (online, on request of the tool), so both swap the same way.
 //!
-//! Layout: shadows live in `<data-dir>/.rebuild/<name>-<pid>-<n>/`, next to
+//! Layout: shadows live in `<data-dir>/.rebuild/<name>-<pid>-<nanos>/`, next to
 //! the live stores on the same file system so renames are atomic.
 
 use std::path::{Path, PathBuf};

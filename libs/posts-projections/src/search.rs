@@ -898,8 +898,6 @@ fn count_conjunction(searcher: &tantivy::Searcher, terms: &[Term]) -> tantivy::R
     Ok(total)
 }
 
-/// Splits user text into words and quoted phrases. Never fails: an unclosed
-/// quote just ends the phrase at the end of the text.
 /// Where the page after one of `hits` hits at `offset` starts, if there is
 /// more and it is not deeper than [`SEARCH_OFFSET_MAX`].
 fn next_offset(offset: usize, hits: usize, total: usize) -> Option<usize> {
@@ -907,6 +905,8 @@ fn next_offset(offset: usize, hits: usize, total: usize) -> Option<usize> {
     (hits > 0 && next < total && next <= SEARCH_OFFSET_MAX).then_some(next)
 }
 
+/// Splits user text into words and quoted phrases. Never fails: an unclosed
+/// quote just ends the phrase at the end of the text.
 fn split_query(q: &str) -> Vec<(bool, String)> {
     let mut out = Vec::new();
     for (i, part) in q.split('"').enumerate() {

@@ -15,11 +15,11 @@ use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
-    CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, Rng, Service, Summary, projections, read_client,
-    run_replay, spawn_command, spawn_query, wait_ready,
+    CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, ProjectionStatus, Rng, Service, Summary, projections,
+    read_client, run_replay, spawn_command, spawn_query, wait_ready,
 };
 use crate::workload::{
-    LoadConfig, Mix, Oracle, SharedOracle, Writers, choose, lock, send_recorded, snapshot,
+    LoadConfig, Mix, Oracle, Outcome, SharedOracle, Writers, choose, lock, send_recorded, snapshot,
 };
 
 /// Writer tasks issuing commands concurrently.
@@ -33,14 +33,16 @@ const BETWEEN_KILLS_MS: (u64, u64) = (0, 1_200);
 const PACE_MS: (u64, u64) = (60, 220);
 /// Backlog sizes (commands) tried in turn for a kill part-way through a
 /// backlog, until one is big enough that the kill lands while applying.
-/// Post-view applies up to 2,000 events a batch, so a kill between two of
-/// its batches starts at 4,000.
-const BACKLOG_COMMANDS: [u64; 4] = [600, 2_400, 9_600, 24_000];
-const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 3] = [4_000, 12_000, 30_000];
+const BACKLOG_COMMANDS: [u64; 3] = [600, 2_400, 9_600];
+/// The same with post-view itself killed between two of its batches: live,
+/// a batch holds up to `RunnerOptions::live().batch_events_max` (2,000).
+const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 2] = [4_000, 12_000];
 /// Commands in flight while a backlog is written.
 const BACKLOG_IN_FLIGHT: u64 = 32;
-/// Writing a backlog, at most.
-const BACKLOG_DEADLINE: Duration = Duration::from_secs(120);
+/// Writing a backlog, at most: this, plus [`BACKLOG_DEADLINE_PER_COMMAND`]
+/// for each command (a debug build on a loaded 2-core machine).
+const BACKLOG_DEADLINE: Duration = Duration::from_secs(60);
+const BACKLOG_DEADLINE_PER_COMMAND: Duration = Duration::from_millis(10);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
@@ -59,7 +61,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
         http: http_client_with_timeout(COMMAND_TIMEOUT),
     };
     let oracle = Oracle::shared();
-    let writers = Writers::start(&cfg, &oracle, WRITERS, &mut rng);
+    let mut writers = Writers::start(&cfg, &oracle, WRITERS, &mut rng);
     let mut summary = Summary::default();
 
     let kills = KILLS_PER_ROUND.max(ctx.rounds * KILLS_PER_ROUND);
@@ -85,8 +87,13 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
                     view_midway: view_too,
                     tag: &tag,
                 };
-                killed =
-                    kill_mid_backlog(&mut query, &reads, &cfg, &oracle, &mut rng, &backlog).await?;
+                // No other writes meanwhile: the backlog's own
+                // acknowledgements bound it.
+                writers.pause().await;
+                let outcome =
+                    kill_mid_backlog(&mut query, &reads, &cfg, &oracle, &mut rng, &backlog).await;
+                writers.resume();
+                killed = outcome?;
                 if killed.is_some() {
                     break;
                 }
@@ -95,7 +102,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
                 bail!(
                     "posts-query applied backlogs of up to {} commands before /projections \
                      showed it part-way{}; no kill landed mid-backlog",
-                    sizes[sizes.len() - 1],
+                    sizes.last().copied().unwrap_or_default(),
                     if view_too {
                         " (post-view between batches)"
                     } else {
@@ -160,19 +167,20 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
 
 struct Backlog<'a> {
     commands: u64,
-    /// Kill only with post-view itself short of the stream's last sequence.
+    /// Kill with post-view itself short of the backlog's end (otherwise
+    /// post-search, whose latest events are not yet committed).
     view_midway: bool,
     /// Titles, contents and correlation ids carry it.
     tag: &'a str,
 }
 
 /// Suspends `query`, writes a backlog of commands through the command
-/// service (in the oracle like the writers'), resumes it, and SIGKILLs it as
-/// soon as `/projections` shows it part-way through: post-view past where it
-/// was before the backlog, and a projection (post-view itself if
-/// `view_midway`) short of the stream's last sequence. Returns the largest
-/// shortfall, or `None` (no kill) when the service was already past that
-/// point at the first look that saw it move.
+/// service (in the oracle like the writers'; the caller has paused them),
+/// resumes it, and SIGKILLs it as soon as `/projections` shows it part-way
+/// through: post-view at or past the backlog's first event, and the
+/// projection the backlog names short of its last. Returns how far short,
+/// or `None` (no kill) when it was already through at the first look that
+/// saw post-view in the backlog.
 async fn kill_mid_backlog(
     query: &mut Service,
     reads: &reqwest::Client,
@@ -181,50 +189,51 @@ async fn kill_mid_backlog(
     rng: &mut Rng,
     backlog: &Backlog<'_>,
 ) -> anyhow::Result<Option<u64>> {
-    let view_checkpoint = |ps: &[crate::support::ProjectionStatus]| {
-        ps.iter()
-            .find(|p| p.name == "post-view")
-            .map(|p| p.checkpoint)
+    let checkpoint = |ps: &[ProjectionStatus], name: &str| {
+        ps.iter().find(|p| p.name == name).map(|p| p.checkpoint)
     };
-    let before = projections(reads, query).await?;
-    let view_before = view_checkpoint(&before).context("no post-view in /projections")?;
+    let target = if backlog.view_midway {
+        "post-view"
+    } else {
+        "post-search"
+    };
     query.suspend();
     let written = write_backlog(cfg, oracle, rng, backlog.commands, backlog.tag).await;
     query.resume();
-    written?;
-    let seen = wait_for(
+    let Some((first, last)) = written? else {
+        bail!(
+            "no command of a backlog of {} was acknowledged",
+            backlog.commands
+        );
+    };
+    let short = wait_for(
         "posts-query to move into its backlog",
         CATCH_UP_DEADLINE,
         || async {
             let now = projections(reads, query).await.ok()?;
-            let view = view_checkpoint(&now)?;
-            let last = now.iter().find_map(|p| p.stream_last_seq)?;
-            let lowest = now.iter().map(|p| p.checkpoint).min()?;
-            let short = if backlog.view_midway {
-                last.saturating_sub(view)
-            } else {
-                last.saturating_sub(lowest)
-            };
-            (view > view_before).then_some(short)
+            let view = checkpoint(&now, "post-view")?;
+            let at = checkpoint(&now, target)?;
+            (view >= first).then_some(last.saturating_sub(at))
         },
     )
     .await?;
-    if seen == 0 {
+    if short == 0 {
         return Ok(None);
     }
     query.kill();
-    Ok(Some(seen))
+    Ok(Some(short))
 }
 
 /// `n` commands chosen like the writers' and filed in the oracle,
-/// [`BACKLOG_IN_FLIGHT`] at a time.
+/// [`BACKLOG_IN_FLIGHT`] at a time. Returns the first and last stream
+/// sequence acknowledged, if any was.
 async fn write_backlog(
     cfg: &LoadConfig,
     oracle: &SharedOracle,
     rng: &mut Rng,
     n: u64,
     tag: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<(u64, u64)>> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..BACKLOG_IN_FLIGHT {
         let (mut cfg, oracle, mut rng) = (cfg.clone(), oracle.clone(), rng.fork(t));
@@ -232,19 +241,30 @@ async fn write_backlog(
         cfg.tag = format!("{tag}-t{t}");
         tasks.spawn(async move {
             let base = &cfg.command_urls[usize::try_from(t).unwrap_or(0) % cfg.command_urls.len()];
+            let mut acked: Option<(u64, u64)> = None;
             for i in (t..n).step_by(usize::try_from(BACKLOG_IN_FLIGHT).unwrap_or(1)) {
                 let plan = choose(&mut rng, &lock(&oracle), &cfg, i);
                 let corr = format!("{}-n{i}", cfg.tag);
-                send_recorded(&cfg, &oracle, base, &plan, &corr).await;
+                if let Outcome::Acked { seq, .. } =
+                    send_recorded(&cfg, &oracle, base, &plan, &corr).await
+                {
+                    acked = Some(acked.map_or((seq, seq), |(lo, hi)| (lo.min(seq), hi.max(seq))));
+                }
             }
+            acked
         });
     }
-    tokio::time::timeout(BACKLOG_DEADLINE, async {
+    let deadline =
+        BACKLOG_DEADLINE + BACKLOG_DEADLINE_PER_COMMAND * u32::try_from(n).unwrap_or(u32::MAX);
+    tokio::time::timeout(deadline, async {
+        let mut all: Option<(u64, u64)> = None;
         while let Some(done) = tasks.join_next().await {
-            done.context("backlog writer")?;
+            if let Some((lo, hi)) = done.context("backlog writer")? {
+                all = Some(all.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+            }
         }
-        anyhow::Ok(())
+        anyhow::Ok(all)
     })
     .await
-    .with_context(|| format!("writing a backlog of {n} commands took over {BACKLOG_DEADLINE:?}"))?
+    .with_context(|| format!("writing a backlog of {n} commands took over {deadline:?}"))?
 }

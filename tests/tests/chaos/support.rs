@@ -608,8 +608,6 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<(u16,
 pub struct ProjectionStatus {
     pub name: String,
     pub checkpoint: u64,
-    /// The stream's last sequence when the service answered.
-    pub stream_last_seq: Option<u64>,
     pub parked: u64,
     pub state: String,
 }
@@ -633,7 +631,6 @@ pub async fn projections(
             Ok(ProjectionStatus {
                 name: e["name"].as_str().context("name")?.to_string(),
                 checkpoint: e["checkpoint"].as_u64().context("checkpoint")?,
-                stream_last_seq: e["stream_last_seq"].as_u64(),
                 parked: e["parked"].as_u64().context("parked")?,
                 state: e["state"].as_str().unwrap_or_default().to_string(),
             })
