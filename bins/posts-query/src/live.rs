@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use axum::Json;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use eventstore::EventStore;
@@ -18,7 +18,7 @@ use posts_projections::view::{self, ViewReader};
 use posts_projections::{POST_SEARCH, POST_VIEW, PROJECTIONS};
 use projection::{Feed, Projection, RebuildProgress, Runner, RunnerOptions, Status};
 use serde::{Deserialize, Serialize};
-use servicekit::Problem;
+use servicekit::{PathParam, Problem};
 
 type Path = std::path::Path;
 
@@ -233,7 +233,7 @@ fn known(name: &str) -> Result<(), Problem> {
 
 async fn progress(
     State(state): State<AppState>,
-    UrlPath(name): UrlPath<String>,
+    PathParam(name): PathParam,
     Json(report): Json<RebuildProgress>,
 ) -> Result<StatusCode, Problem> {
     known(&name)?;
@@ -267,7 +267,7 @@ fn internal(e: impl std::fmt::Display) -> Problem {
 /// would leave the projection stopped for good.
 async fn swap(
     State(state): State<AppState>,
-    UrlPath(name): UrlPath<String>,
+    PathParam(name): PathParam,
     Json(req): Json<SwapRequest>,
 ) -> Result<Json<SwapResponse>, Problem> {
     tokio::spawn(swap_to_completion(state, name, req))

@@ -122,11 +122,15 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
             .map(|axum::extract::Path(raw)| Self(raw))
             .map_err(|rejection| {
                 let status = rejection.status();
-                let detail = rejection.body_text();
+                let cause = rejection.body_text();
                 if status.is_client_error() {
-                    Problem::new(status, "invalid-path", detail)
+                    Problem::new(
+                        status,
+                        "invalid-path",
+                        format!("the path is malformed: {cause}"),
+                    )
                 } else {
-                    Problem::internal(&detail)
+                    Problem::internal(&cause)
                 }
             })
     }
