@@ -135,7 +135,18 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     }
     let bytes = axum::body::to_bytes(body, BODY_BYTES_MAX)
         .await
-        .map_err(|_| too_large())?;
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-body",
+                    format!("the request body could not be read: {e}"),
+                )
+            }
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {

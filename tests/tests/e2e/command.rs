@@ -17,6 +17,7 @@ use posts::Event;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = anyhow::Result<()>;
 
@@ -549,6 +550,40 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
     .await?;
     too_large.assert_problem(413, "limit");
     assert_eq!(too_large.header("connection"), Some("close"));
+    // Chunked, so no Content-Length to refuse it early: the limit is met
+    // while reading. A chunk size that is not hex cannot be read at all.
+    let chunked = |chunks: String| {
+        let addr = posts_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/posts")
+            .to_string();
+        async move {
+            let (mut from, mut to) = tokio::net::TcpStream::connect(addr).await?.into_split();
+            let head = "POST /posts HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+                        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            // Written while the answer is read: the server may answer and
+            // close before it has read it all (its unread bytes then reset
+            // the connection, after the answer).
+            let writer = tokio::spawn(async move {
+                let _ = to.write_all(format!("{head}{chunks}").as_bytes()).await;
+            });
+            let mut answer = Vec::new();
+            let _ = from.read_to_end(&mut answer).await;
+            writer.abort();
+            anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+        }
+    };
+    let piece = "c".repeat(64 * 1024);
+    let over: String = (0..10)
+        .map(|_| format!("{:x}\r\n{piece}\r\n", piece.len()))
+        .chain(["0\r\n\r\n".to_string()])
+        .collect();
+    let answer = chunked(over).await?;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    let answer = chunked("zz\r\n{}\r\n0\r\n\r\n".to_string()).await?;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("could not be read"), "{answer}");
     let valid = serde_json::to_string(&create_body("t", "c", "a"))?;
     raw_post(valid.clone(), Some("text/plain"))
         .await?
