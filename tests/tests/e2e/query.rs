@@ -595,7 +595,7 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
     for q in ["", "   ", "***"] {
         get("/posts/search", vec![("q", q.into())])
             .await?
-            .assert_problem(400, "");
+            .assert_problem(400, "no searchable words");
     }
     get("/posts/search", vec![("q", "x".repeat(513))])
         .await?
