@@ -8,6 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use eventstore::Replica;
 use posts::Event;
 use posts_projections::search::{SEARCH_OFFSET_MAX, SearchError};
 use posts_projections::view::{Row, ViewError};
@@ -293,28 +294,28 @@ async fn history(
     // History is read from the stream itself. With `min_seq` it is read
     // through the stream leader, which has every acknowledged write, once
     // the stream has reached `min_seq`; without, any replica answers.
-    let wanted = min_seq(&params, &headers)?;
-    if let Some(min_seq) = wanted {
-        let last = stream_last_seq(&state).await.ok_or_else(|| {
-            Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
-        })?;
-        if last < min_seq {
-            return Err(Problem::unavailable(
-                format!("the stream is at sequence {last}, not yet {min_seq}; retry shortly"),
-                RETRY_AFTER_SECS,
-            ));
+    let store_down =
+        || Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS);
+    let from = match min_seq(&params, &headers)? {
+        None => Replica::Any,
+        Some(min_seq) => {
+            let last = stream_last_seq(&state).await.ok_or_else(store_down)?;
+            if last < min_seq {
+                return Err(Problem::unavailable(
+                    format!("the stream is at sequence {last}, not yet {min_seq}; retry shortly"),
+                    RETRY_AFTER_SECS,
+                ));
+            }
+            Replica::Leader
         }
-    }
-    let from_leader = wanted.is_some();
+    };
     let entries = state
         .inner
         .store
-        .history(&id, from_leader)
+        .history(&id, from)
         .await
         .map_err(|e| match e {
-            eventstore::LoadError::Unavailable(_) => {
-                Problem::unavailable("event store unavailable; retry shortly", RETRY_AFTER_SECS)
-            }
+            eventstore::LoadError::Unavailable(_) => store_down(),
             e @ (eventstore::LoadError::Corrupt { .. } | eventstore::LoadError::TooLong(_)) => {
                 Problem::internal(&e)
             }

@@ -28,7 +28,7 @@ pub use envelope::{
     HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, format_rfc3339, parse_rfc3339,
 };
 pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
-pub use store::{AppendError, EventStore, LoadError, StartError};
+pub use store::{AppendError, EventStore, LoadError, Replica, StartError};
 pub use stream::{DUPLICATE_WINDOW, ProvisionError, StreamSpec, dlq_spec, provision};
 
 /// The JetStream header that makes a publish idempotent inside the duplicate window.

@@ -62,8 +62,8 @@ pub enum LoadError {
 }
 
 /// Which server answers a read.
-#[derive(Clone, Copy)]
-enum Replica {
+#[derive(Clone, Copy, Debug)]
+pub enum Replica {
     /// Direct gets: any replica, the nearest or least busy; one that lags
     /// answers from what it has.
     Any,
@@ -337,9 +337,9 @@ impl EventStore {
     /// Every message on `aggregate_id`'s subject, in order, for showing it:
     /// one whose envelope is broken (published by something other than a
     /// command service) is an `Err` with its sequence and the reason, in its
-    /// place, instead of ending the read. `from_leader` reads through the
-    /// stream leader, which holds every acknowledged write; otherwise any
-    /// replica answers (direct gets), and one that lags may miss the latest.
+    /// place, instead of ending the read. [`Replica::Leader`] holds every
+    /// acknowledged write; with [`Replica::Any`] one that lags may miss the
+    /// latest.
     ///
     /// # Errors
     /// [`LoadError::Unavailable`] when NATS does not answer;
@@ -347,13 +347,8 @@ impl EventStore {
     pub async fn history(
         &self,
         aggregate_id: &str,
-        from_leader: bool,
+        from: Replica,
     ) -> Result<Vec<Result<RecordedEvent, (u64, String)>>, LoadError> {
-        let from = if from_leader {
-            Replica::Leader
-        } else {
-            Replica::Any
-        };
         let mut entries = Vec::new();
         self.read_subject(aggregate_id, 0, from, |entry| {
             entries.push(entry);
@@ -406,7 +401,7 @@ impl EventStore {
             // error, not a loop.
             if msg.sequence < next {
                 return Err(LoadError::Unavailable(format!(
-                    "direct get for {subject} after sequence {} answered sequence {}",
+                    "a read of {subject} after sequence {} answered sequence {}",
                     next - 1,
                     msg.sequence
                 )));
