@@ -425,10 +425,28 @@ mod tests {
             events: 300,
             posts: 100,
         };
+        // The words of each live post's final content, apart from the
+        // queries' own derivation of them.
+        let live: Vec<std::collections::HashSet<String>> = (0..layout.posts)
+            .filter(|&i| !layout.is_deleted(i))
+            .map(|i| {
+                layout
+                    .final_content(&vocab, i)
+                    .split(|c: char| !c.is_ascii_alphabetic())
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_ascii_lowercase)
+                    .collect()
+            })
+            .collect();
         for q in search_queries(&vocab, &layout, 20, 1) {
             let words: Vec<&str> = q.split(' ').collect();
-            assert_eq!(words.len(), 2);
-            assert_ne!(words[0], words[1]);
+            assert_eq!(words.len(), 2, "{q:?}");
+            assert_ne!(words[0], words[1], "{q:?}");
+            assert!(
+                live.iter()
+                    .any(|post| words.iter().all(|w| post.contains(*w))),
+                "no live post has both words of {q:?}"
+            );
         }
     }
 }

@@ -9,14 +9,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
     COMMAND_TIMEOUT, Ctx, Service, Summary, expect_failpoint_abort, read_client, run_replay,
     spawn_command, spawn_doomed_query, spawn_query, wait_ready,
 };
-use crate::workload::{LoadConfig, Mix, Oracle, SharedOracle, Writers, snapshot};
+use crate::workload::{LoadConfig, Mix, Oracle, SharedOracle, Writers, lock, snapshot};
 
 /// Writer tasks issuing commands concurrently.
 const WRITERS: usize = 8;
@@ -39,6 +39,8 @@ const SWAP_FAILPOINTS: [(&str, &str); 3] = [
 const FAILPOINT_DEADLINE: Duration = Duration::from_secs(60);
 /// Random load between two faults, in ms.
 const LOAD_BETWEEN_MS: (u64, u64) = (300, 1_000);
+/// Commands acknowledged while `posts-query` is down before an offline swap.
+const UNSEEN_MIN: u64 = 10;
 
 struct Env {
     url: String,
@@ -132,9 +134,19 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
         for (fp, projection) in SWAP_FAILPOINTS {
             query.terminate()?;
             // Events the live store has not seen: the replay must align.
+            let acked_before = lock(&env.oracle).stats.acked;
             writers.resume();
             tokio::time::sleep(rng.millis(LOAD_BETWEEN_MS.0, LOAD_BETWEEN_MS.1)).await;
+            let unseen = wait_for(
+                &format!("{UNSEEN_MIN} commands acknowledged while posts-query is down"),
+                FAILPOINT_DEADLINE,
+                || async {
+                    (lock(&env.oracle).stats.acked >= acked_before + UNSEEN_MIN).then_some(())
+                },
+            )
+            .await;
             writers.pause().await;
+            unseen?;
             let crashed = run_replay(&url, data.path(), projection, false, Some(fp)).await?;
             crashed
                 .expect_failpoint_abort(fp)

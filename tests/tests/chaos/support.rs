@@ -691,6 +691,8 @@ pub async fn wait_ready(http: &reqwest::Client, service: &Service) -> anyhow::Re
 /// One run of the `replay` tool.
 #[derive(Debug)]
 pub struct ReplayRun {
+    /// What was asked for: `post-view`, `post-search` or `all`.
+    pub projection: String,
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
@@ -698,7 +700,8 @@ pub struct ReplayRun {
 }
 
 impl ReplayRun {
-    /// Requires exit 0 and, with `--verify`, `verified: true` for every projection.
+    /// Requires exit 0, the projections asked for, and for each `verified:
+    /// true` with equal live and rebuilt digests (run with `--verify`).
     ///
     /// # Errors
     /// When the run failed or a digest differed.
@@ -720,10 +723,25 @@ impl ReplayRun {
         let projections = v["projections"]
             .as_array()
             .with_context(|| format!("replay summary without projections: {v}"))?;
-        ensure!(!projections.is_empty(), "replay rebuilt nothing: {v}");
+        let mut names: Vec<&str> = projections
+            .iter()
+            .map(|p| p["name"].as_str().unwrap_or_default())
+            .collect();
+        names.sort_unstable();
+        let want: &[&str] = match self.projection.as_str() {
+            "all" => &["post-search", "post-view"],
+            one => &[one],
+        };
+        ensure!(
+            names == want,
+            "replay {} rebuilt {names:?}, want {want:?}: {v}",
+            self.projection
+        );
         for p in projections {
             ensure!(
-                p["verified"] == Value::Bool(true),
+                p["verified"] == Value::Bool(true)
+                    && p["live_digest"].is_string()
+                    && p["live_digest"] == p["rebuilt_digest"],
                 "live store differs from a rebuild from sequence 1: {p}"
             );
         }
@@ -790,6 +808,7 @@ pub async fn run_replay(
         std::process::id()
     ));
     let run = ReplayRun {
+        projection: projection.to_string(),
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::ensure;
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{COMMAND_TIMEOUT, Ctx, Summary, spawn_command};
@@ -17,8 +17,10 @@ use crate::workload::{LoadConfig, Mix, Oracle, Outcome, Writers, choose, send_re
 const POSTS: u64 = 5;
 /// Tasks; each alternates between the two instances, command by command.
 const WRITERS: usize = 8;
-/// How long the tasks write, per round.
-const WRITE_FOR: Duration = Duration::from_secs(3);
+/// Updates acknowledged per round before the tasks stop (about 3 s of them).
+const UPDATES_PER_ROUND: u64 = 300;
+/// How long the tasks may take to get there, and to race at least once.
+const WRITE_DEADLINE: Duration = Duration::from_secs(90);
 /// Pause between two commands of one task, in ms: close enough to collide.
 const PACE_MS: (u64, u64) = (15, 60);
 
@@ -63,8 +65,20 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     }
 
     let writers = Writers::start(&cfg, &oracle, WRITERS, &mut rng);
-    tokio::time::sleep(WRITE_FOR * u32::try_from(ctx.rounds).unwrap_or(u32::MAX)).await;
+    // Until enough updates are through, and the instances have raced: a
+    // pinned update refused (412) because the other one wrote first.
+    let want = POSTS + UPDATES_PER_ROUND * ctx.rounds;
+    let raced = wait_for(
+        &format!("{want} acknowledged commands and a 412"),
+        WRITE_DEADLINE,
+        || async {
+            let o = crate::workload::lock(&oracle);
+            (o.stats.acked >= want && o.stats.precondition_failed > 0).then_some(())
+        },
+    )
+    .await;
     writers.stop().await?;
+    raced?;
 
     let o = snapshot(&oracle);
     let mut summary = Summary::default();

@@ -895,3 +895,128 @@ async fn in_process_service_stops_on_shutdown_signal() -> TestResult {
     assert!(Reply::of(http.get(format!("{base}/livez"))).await.is_err());
     Ok(())
 }
+
+#[test]
+fn help_names_each_setting_with_its_env_var_and_default() -> TestResult {
+    let expected: [(&str, &[&str]); 2] = [
+        (
+            "posts-command",
+            &[
+                "--nats-url",
+                "NATS_URL",
+                "nats://127.0.0.1:4222",
+                "--listen",
+                "COMMAND_LISTEN",
+                "127.0.0.1:3000",
+            ],
+        ),
+        (
+            "posts-query",
+            &[
+                "--nats-url",
+                "NATS_URL",
+                "nats://127.0.0.1:4222",
+                "--listen",
+                "QUERY_LISTEN",
+                "127.0.0.1:4000",
+                "--data-dir",
+                "QUERY_DATA_DIR",
+                "./data/query",
+            ],
+        ),
+    ];
+    for (bin, needles) in expected {
+        let out = Command::new(testkit::bin_path(bin))
+            .arg("--help")
+            .env_clear()
+            .output()?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin} --help: {}", out.status);
+        for needle in needles {
+            assert!(
+                help.contains(needle),
+                "{bin} --help lacks {needle}:\n{help}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_take_their_settings_from_the_environment() -> TestResult {
+    let nats = start_nats().await?;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("from-env");
+    let command_port = testkit::free_port();
+    let query_port = testkit::free_port();
+    let command_env = vec![
+        ("NATS_URL".to_string(), nats.url()),
+        (
+            "COMMAND_LISTEN".to_string(),
+            format!("127.0.0.1:{command_port}"),
+        ),
+    ];
+    let query_env = vec![
+        ("NATS_URL".to_string(), nats.url()),
+        (
+            "QUERY_LISTEN".to_string(),
+            format!("127.0.0.1:{query_port}"),
+        ),
+        ("QUERY_DATA_DIR".to_string(), data_dir.display().to_string()),
+    ];
+    // No flags at all: everything comes from the environment.
+    let command = tokio::task::spawn_blocking(move || {
+        testkit::ServiceProcess::spawn("posts-command", &[], &command_env, command_port)
+    })
+    .await??;
+    let query = tokio::task::spawn_blocking(move || {
+        testkit::ServiceProcess::spawn("posts-query", &[], &query_env, query_port)
+    })
+    .await??;
+    // Listening where the environment said (and not some other test's
+    // service that took the port first).
+    for (process, port) in [(&command, command_port), (&query, query_port)] {
+        wait_for("the listening line", Duration::from_secs(30), || {
+            let found = process
+                .log()
+                .lines()
+                .any(|l| l.contains("listening") && l.contains(&format!("127.0.0.1:{port}")));
+            async move { found.then_some(()) }
+        })
+        .await?;
+    }
+
+    let http = http_client();
+    let created = Reply::of(
+        http.post(format!("http://127.0.0.1:{command_port}/posts"))
+            .json(&create_body(
+                "From env",
+                "settings from the environment",
+                "ann",
+            )),
+    )
+    .await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let ack = created.json();
+    let (id, seq) = (ack["post_id"].as_str().unwrap_or_default(), &ack["seq"]);
+    let url = format!("http://127.0.0.1:{query_port}/posts/{id}?min_seq={seq}");
+    let read = wait_for(
+        "the post on the query side",
+        Duration::from_secs(30),
+        || {
+            let req = http.get(&url);
+            async move { Reply::of(req).await.ok().filter(|r| r.status == 200) }
+        },
+    )
+    .await?;
+    assert_eq!(read.json()["data"]["title"], "From env", "{}", read.body);
+    assert!(
+        data_dir.join("post-view.redb").is_file(),
+        "post-view in QUERY_DATA_DIR"
+    );
+    assert!(
+        data_dir.join("post-search").is_dir(),
+        "post-search in QUERY_DATA_DIR"
+    );
+    Ok(())
+}
