@@ -99,3 +99,29 @@ pub fn failpoint(name: &str) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn failpoint(_name: &str) {}
+
+/// Whether the fault point `name` fails now: `POSTS_FAILPOINT=name@/a/file`
+/// makes it fail while that file exists, as a full disk does until someone
+/// frees space. The tests check what a projection fault looks like (state
+/// `halted`, `/readyz` 503) and that the projection resumes from its
+/// checkpoint, losing and doubling nothing. Debug builds only.
+#[cfg(debug_assertions)]
+pub fn failing(name: &str) -> bool {
+    static ARMED: std::sync::OnceLock<Option<(String, std::path::PathBuf)>> =
+        std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let v = std::env::var("POSTS_FAILPOINT").ok()?;
+        let (point, file) = v.split_once('@')?;
+        Some((point.to_string(), file.into()))
+    });
+    armed
+        .as_ref()
+        .is_some_and(|(point, file)| point == name && file.exists())
+}
+
+/// Release builds: fault points never fail.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn failing(_name: &str) -> bool {
+    false
+}

@@ -352,6 +352,11 @@ impl Projection for ViewProjection {
         let Some(last) = batch.last() else {
             return Ok(Vec::new());
         };
+        if crate::failing("view-apply") {
+            return Err(ProjectionError::new(
+                "failpoint view-apply: simulated storage fault",
+            ));
+        }
         let mut parked = Vec::new();
         let mut txn = self.db.begin_write().map_err(ProjectionError::new)?;
         let durable = self.durable_at.elapsed() >= DURABLE_INTERVAL;

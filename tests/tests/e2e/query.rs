@@ -1209,3 +1209,114 @@ async fn a_dead_letter_is_stored_once_per_projection_and_sequence() -> TestResul
     );
     Ok(())
 }
+
+/// A projection whose store fails (a full disk, say) halts, with the fault
+/// shown, while the other one goes on; `/readyz` is 503 until it has caught
+/// up once. When the fault clears, it resumes from its checkpoint, and every
+/// event is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "fault points exist only in debug builds (run without --release)"
+)]
+async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestResult {
+    const POSTS: usize = 3;
+    let nats = start_nats().await?;
+    let url = nats.url();
+    let client = async_nats::connect(&url).await?;
+    let js = async_nats::jetstream::new(client);
+    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    let mut ids = Vec::new();
+    let mut head = 0;
+    for i in 0..POSTS {
+        let id = uuid::Uuid::now_v7().to_string();
+        let event = Event::Created {
+            title: format!("Fault {i}"),
+            content: "written before the fault".into(),
+            author_name: "ann".into(),
+        };
+        head = publish_event(&js, &id, &event).await?;
+        ids.push(id);
+    }
+
+    let dir = tempfile::tempdir()?;
+    let fault = dir.path().join("disk-full");
+    std::fs::write(&fault, b"")?;
+    let port = testkit::free_port();
+    let args = e2e_tests::query_args(&url, port, &dir.path().join("data"));
+    let envs = vec![(
+        "POSTS_FAILPOINT".to_string(),
+        format!("view-apply@{}", fault.display()),
+    )];
+    let query = tokio::task::spawn_blocking(move || {
+        testkit::ServiceProcess::spawn("posts-query", &args, &envs, port)
+    })
+    .await??;
+    wait_for(
+        "posts-query listening",
+        e2e_tests::CATCH_UP_DEADLINE,
+        || {
+            let found = query
+                .log()
+                .lines()
+                .any(|l| l.contains("listening") && l.contains(&format!("127.0.0.1:{port}")));
+            async move { found.then_some(()) }
+        },
+    )
+    .await?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = http_client();
+
+    let (view, search) = wait_for(
+        "post-view halted and post-search caught up",
+        e2e_tests::CATCH_UP_DEADLINE,
+        || {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                let all = e2e_tests::projections(&http, &base).await.ok()?;
+                let view = projection(&all, "post-view").clone();
+                let search = projection(&all, "post-search").clone();
+                (view["state"] == "halted" && search["checkpoint"] == head)
+                    .then_some((view, search))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        view["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("simulated storage fault")),
+        "the fault is shown: {view}"
+    );
+    assert_eq!(view["checkpoint"], 0, "{view}");
+    assert_eq!(view["caught_up_once"], false, "{view}");
+    assert_eq!(search["state"], "running", "{search}");
+    let ready = Reply::of(http.get(format!("{base}/readyz"))).await?;
+    ready.assert_problem(503, "post-view");
+    // The other projection serves its reads meanwhile.
+    let (hits, _) = search_all(&http, &base, "fault", &[], 10, head).await?;
+    assert_eq!(
+        ids_of(&hits).into_iter().collect::<BTreeSet<_>>(),
+        ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+
+    // The fault clears: post-view resumes from its checkpoint.
+    std::fs::remove_file(&fault)?;
+    e2e_tests::wait_ready(&http, &base).await?;
+    let all = e2e_tests::projections(&http, &base).await?;
+    let view = projection(&all, "post-view");
+    assert_eq!(view["state"], "running", "{view}");
+    assert_eq!(view["checkpoint"], head, "{view}");
+    assert!(view["last_error"].is_null(), "{view}");
+    let rows = list_all(&http, &base, &[], 10, head).await?;
+    let mut listed = ids_of(&rows);
+    listed.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed, want, "each post once");
+    for row in &rows {
+        assert_eq!(row["version"], 1, "each event applied once: {row}");
+    }
+    Ok(())
+}
