@@ -110,7 +110,12 @@ async fn main() -> std::process::ExitCode {
                         o.name, o.events, o.seconds, o.events_per_sec, o.checkpoint
                     );
                     if let (Some(l), Some(r)) = (&o.live_digest, &o.rebuilt_digest) {
-                        eprintln!("  live digest    {l}\n  rebuilt digest {r}\n  verified: equal");
+                        eprintln!("  live digest    {l}\n  rebuilt digest {r}");
+                    }
+                    match o.verified {
+                        Some(true) => eprintln!("  verified: equal"),
+                        Some(false) => eprintln!("  verified: DIFFERENT"),
+                        None => {}
                     }
                 }
             }
@@ -308,6 +313,9 @@ async fn show_progress(
         bar.set_message(name.clone());
         bar
     });
+    if bar.is_none() {
+        eprintln!("{name}: rebuilding from sequence 1 up to {target}");
+    }
     let mut last_line = Instant::now();
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {

@@ -121,6 +121,21 @@ async fn offline_replay_rebuilds_both_projections_to_the_same_digest() -> TestRe
     let dir = data.path().to_path_buf();
     let after = tokio::task::spawn_blocking(move || file_digests(&dir)).await??;
     assert_eq!(after, before, "the installed stores equal the old ones");
+
+    // Without --json, for people: plain lines on stderr (not a terminal here).
+    let run = run_replay(&replay_args("all", &nats.url(), data.path(), &["--verify"])).await?;
+    assert!(run.status.success(), "{run:?}");
+    assert!(run.stdout.trim().is_empty(), "nothing on stdout: {run:?}");
+    for name in PROJECTION_NAMES {
+        for line in [
+            format!("{name}: rebuilding from sequence 1 up to {}", w.last_seq),
+            format!("replay {name}: {} events in ", w.last_seq),
+            format!("events/s), swapped in at checkpoint {}", w.last_seq),
+        ] {
+            assert!(run.stderr.contains(&line), "stderr lacks {line:?}: {run:?}");
+        }
+    }
+    assert_eq!(run.stderr.matches("verified: equal").count(), 2, "{run:?}");
     assert!(
         rebuild_entries(data.path()).is_empty(),
         "no shadow left behind: {:?}",
