@@ -33,7 +33,7 @@ pub fn app(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(servicekit::no_route)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(servicekit::method_not_allowed)
         .layer(axum::middleware::map_response(close_after_unread_body))
         .with_state(state)
 }
@@ -47,14 +47,6 @@ async fn close_after_unread_body(mut resp: Response) -> Response {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
-}
-
-async fn method_not_allowed() -> Problem {
-    Problem::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "method not allowed on this route",
-    )
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -147,6 +139,15 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 )
             }
         })?;
+    // serde takes a struct from an array of its fields in order too; the
+    // contract is an object with named fields.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "invalid JSON body: an array where an object with named fields belongs",
+        ));
+    }
     serde_json::from_slice(&bytes).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {

@@ -39,6 +39,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(crate::live::admin_routes())
         .fallback(servicekit::no_route)
+        .method_not_allowed_fallback(servicekit::method_not_allowed)
         .with_state(state)
 }
 

@@ -141,6 +141,16 @@ pub async fn no_route() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no-route", "no such route")
 }
 
+/// 405 for a route that exists without this method, as a problem document
+/// (axum adds the `Allow` header).
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "method not allowed on this route",
+    )
+}
+
 /// Installs the tracing subscriber: `RUST_LOG` or `info` for this service.
 /// `LOG_FORMAT=json` switches to one JSON object per line.
 pub fn init_tracing() {

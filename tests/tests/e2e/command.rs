@@ -523,6 +523,13 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
     )
     .await?
     .assert_problem(400, "unknown field `likes`");
+    // serde would read a struct from an array of its fields in order.
+    raw_post(r#" ["t", "c", "a"]"#.into(), json_ct)
+        .await?
+        .assert_problem(400, "array");
+    raw_patch(r#"["t", null, null]"#.into())
+        .await?
+        .assert_problem(400, "array");
 
     // Field bounds: 422 naming the field.
     let cases = [
@@ -596,14 +603,16 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
         .assert_problem(415, "application/json");
 
     // Headers.
-    Reply::of(
-        env.http
-            .post(&posts_url)
-            .header("Idempotency-Key", "k".repeat(256))
-            .json(&create_body("t", "c", "a")),
-    )
-    .await?
-    .assert_problem(400, "Idempotency-Key");
+    for key in ["k".repeat(256), String::new()] {
+        Reply::of(
+            env.http
+                .post(&posts_url)
+                .header("Idempotency-Key", key)
+                .json(&create_body("t", "c", "a")),
+        )
+        .await?
+        .assert_problem(400, "Idempotency-Key");
+    }
     Reply::of(
         env.http
             .post(&posts_url)

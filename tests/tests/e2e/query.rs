@@ -700,6 +700,16 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
     get("/no/such/route", vec![])
         .await?
         .assert_problem(404, "route");
+    for path in [
+        "/posts",
+        "/posts/search",
+        "/projections",
+        "/admin/projections/post-view/swap",
+    ] {
+        let reply = Reply::of(env.http.delete(env.q(path))).await?;
+        reply.assert_problem(405, "method");
+        assert!(reply.header("allow").is_some(), "{path}: {reply:?}");
+    }
     Ok(())
 }
 
