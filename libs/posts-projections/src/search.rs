@@ -774,6 +774,9 @@ struct Parsed {
     query: Box<dyn Query>,
     /// Exact terms only, for highlighting.
     exact: Box<dyn Query>,
+    /// The words expanded to their typo neighbours, with their edit budget,
+    /// for highlighting what they matched.
+    typos: Vec<(String, u8)>,
     /// The query's terms when it is nothing but a conjunction of exact
     /// terms (no phrase, no typo expansion): its matches can be counted
     /// with bitmaps (see [`count_conjunction`]).
@@ -1020,6 +1023,7 @@ impl SearchReader {
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         // Exact terms only, for highlighting.
         let mut exact: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        let mut typos = Vec::new();
         let mut conjunction = Some(Vec::new());
         for (is_phrase, text) in parts {
             let tokens = self.tokens(&text);
@@ -1045,6 +1049,7 @@ impl SearchReader {
                 let in_index = searcher.doc_freq(&term).is_ok_and(|n| n > 0);
                 if budget > 0 && !is_phrase && !in_index {
                     conjunction = None;
+                    typos.push((token.clone(), budget));
                     let fuzzy: Box<dyn Query> = Box::new(BoostQuery::new(
                         Box::new(FuzzyTermQuery::new(term, budget, true)),
                         FUZZY_WEIGHT,
@@ -1080,6 +1085,7 @@ impl SearchReader {
         Ok(Parsed {
             query: Box::new(BooleanQuery::new(clauses)),
             exact: Box::new(BooleanQuery::new(exact)),
+            typos,
             conjunction,
         })
     }
@@ -1099,6 +1105,7 @@ impl SearchReader {
         let Parsed {
             query,
             exact,
+            typos,
             conjunction,
         } = self.build_query(&searcher, q, author)?;
         let idx = |e: tantivy::TantivyError| SearchError::Index(e.to_string());
@@ -1118,10 +1125,15 @@ impl SearchReader {
             None => searcher.search(&query, &Count).map_err(idx)?,
         };
         // One highlighter over the matched field; each stored text is cut and
-        // highlighted with it.
-        let mut snippets =
-            Highlighter::new(&searcher, &*exact, self.fields.text, SNIPPET_CHARS_MAX)
-                .map_err(idx)?;
+        // highlighted with it, typo matches too.
+        let mut snippets = Highlighter::new(
+            &searcher,
+            &*exact,
+            &typos,
+            self.fields.text,
+            SNIPPET_CHARS_MAX,
+        )
+        .map_err(idx)?;
         let mut hits = Vec::with_capacity(top.len());
         for (score, addr) in top {
             let t: TantivyDocument = searcher.doc(addr).map_err(idx)?;

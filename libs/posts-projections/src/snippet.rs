@@ -26,6 +26,13 @@ use crate::tokenizer::{AsciiWord, next_ascii_word};
 pub struct Highlighter {
     /// Each word once (one field's terms, from a set).
     terms: Vec<(String, Score)>,
+    /// Words the query expanded to their typo neighbours (none of them is in
+    /// the index as typed), as characters, with their edit budget: a token
+    /// that is no query word but within budget of one of these is what the
+    /// typo matched. tantivy's generator highlights no such token.
+    typos: Vec<(Vec<char>, usize)>,
+    /// A typo match's weight: below any exact word's, as in ranking.
+    typo_weight: Score,
     analyzer: TextAnalyzer,
     max_num_chars: usize,
 }
@@ -60,6 +67,7 @@ impl Highlighter {
     pub fn new(
         searcher: &Searcher,
         query: &dyn Query,
+        typos: &[(String, u8)],
         field: Field,
         max_num_chars: usize,
     ) -> tantivy::Result<Self> {
@@ -81,11 +89,30 @@ impl Highlighter {
                 terms.push((text.to_string(), 1.0 / (1.0 + doc_freq as Score)));
             }
         }
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a weight, as tantivy computes them"
+        )]
+        let typo_weight = TYPO_SHARE / (1.0 + searcher.num_docs() as Score);
         Ok(Self {
             terms,
+            typos: typos
+                .iter()
+                .map(|(word, budget)| (word.chars().collect(), usize::from(*budget)))
+                .collect(),
+            typo_weight,
             analyzer: searcher.index().tokenizer_for_field(field)?,
             max_num_chars,
         })
+    }
+
+    /// The weight of a token (lowercase characters) that is no query word:
+    /// a typo match's, or none.
+    fn typo(typos: &[(Vec<char>, usize)], weight: Score, token: &[char]) -> Option<Score> {
+        typos
+            .iter()
+            .any(|(word, budget)| within_edits(word, token, *budget))
+            .then_some(weight)
     }
 
     /// A token's weight: the analyzer lowercases; tantivy lowercases again
@@ -122,7 +149,7 @@ impl Highlighter {
     /// The best fragment of `text` as HTML, its query words in `<b>`, or
     /// `None` when no query word is in it.
     pub fn html(&mut self, text: &str) -> Option<String> {
-        if self.terms.is_empty() {
+        if self.terms.is_empty() && self.typos.is_empty() {
             return None;
         }
         let best = self.best_fragment(text)?;
@@ -157,14 +184,31 @@ impl Highlighter {
                 let AsciiWord::Word(word) = word else {
                     continue; // too long: dropped by the analyzer
                 };
-                let weight = Self::ascii_weight(&self.terms, &bytes[word.clone()]);
+                let word_bytes = &bytes[word.clone()];
+                let weight = Self::ascii_weight(&self.terms, word_bytes).or_else(|| {
+                    if self.typos.is_empty() {
+                        return None;
+                    }
+                    let lower: Vec<char> = word_bytes
+                        .iter()
+                        .map(|b| char::from(b.to_ascii_lowercase()))
+                        .collect();
+                    Self::typo(&self.typos, self.typo_weight, &lower)
+                });
                 search.token(word, weight);
             }
         } else {
+            let (terms, typos, typo_weight) = (&self.terms, &self.typos, self.typo_weight);
             let mut stream = self.analyzer.token_stream(text);
             while stream.advance() {
                 let token = stream.token();
-                let weight = Self::weight(&self.terms, &token.text);
+                let weight = Self::weight(terms, &token.text).or_else(|| {
+                    if typos.is_empty() {
+                        return None;
+                    }
+                    let lower: Vec<char> = token.text.to_lowercase().chars().collect();
+                    Self::typo(typos, typo_weight, &lower)
+                });
                 search.token(token.offset_from..token.offset_to, weight);
             }
         }
@@ -203,6 +247,43 @@ impl FragmentSearch {
         self.keep(last);
         self.best
     }
+}
+
+/// A typo match's weight relative to the rarest possible exact word's.
+const TYPO_SHARE: Score = 0.3;
+
+/// Whether `a` and `b` are at most `k` edits apart, counting an insertion,
+/// a deletion, a substitution or a swap of two neighbours as one edit: the
+/// distance of tantivy's fuzzy query with transpositions. Words are short
+/// (tokens are under 40 bytes), so a full table is fine; a row whose
+/// smallest entry is over `k` ends it early.
+fn within_edits(a: &[char], b: &[char], k: usize) -> bool {
+    if a.len().abs_diff(b.len()) > k {
+        return false;
+    }
+    let n = b.len();
+    let mut before: Vec<usize> = vec![0; n + 1];
+    let mut prev: Vec<usize> = (0..=n).collect();
+    let mut cur: Vec<usize> = vec![0; n + 1];
+    for i in 1..=a.len() {
+        cur[0] = i;
+        let mut row_min = i;
+        for j in 1..=n {
+            let substitute = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            let mut d = substitute.min(prev[j] + 1).min(cur[j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(before[j - 2] + 1);
+            }
+            cur[j] = d;
+            row_min = row_min.min(d);
+        }
+        if row_min > k {
+            return false;
+        }
+        std::mem::swap(&mut before, &mut prev);
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[n] <= k
 }
 
 /// Highlighted ranges relative to the fragment, collapsed by tantivy's own
@@ -351,7 +432,7 @@ mod tests {
             let max = [20, 60, 160][rng.below(3)];
             let mut theirs = SnippetGenerator::create(&searcher, &query, field).unwrap();
             theirs.set_max_num_chars(max);
-            let mut ours = Highlighter::new(&searcher, &query, field, max).unwrap();
+            let mut ours = Highlighter::new(&searcher, &query, &[], field, max).unwrap();
             for _ in 0..10 {
                 let n = rng.below(60);
                 let t = text(&mut rng, n);
@@ -369,6 +450,63 @@ mod tests {
         // Both paths: ASCII text and text through the analyzer.
         assert!(ascii > highlighted / 4, "{ascii} of {highlighted}");
         assert!(ascii < highlighted * 3 / 4, "{ascii} of {highlighted}");
+    }
+
+    #[test]
+    fn edits_count_as_tantivys_fuzzy_query_counts_them() {
+        let w = |s: &str| s.chars().collect::<Vec<_>>();
+        let cases = [
+            ("consensus", "consensus", 0),
+            ("consensos", "consensus", 1),
+            ("replicats", "replicates", 1),
+            ("paginaton", "pagination", 1),
+            ("teh", "the", 1),
+            ("abcd", "acbd", 1),
+            ("naïve", "naive", 1),
+            ("zurich", "zürich", 1),
+            ("kitten", "sitting", 3),
+            ("", "ab", 2),
+        ];
+        for (a, b, d) in cases {
+            for k in 0..=3 {
+                assert_eq!(within_edits(&w(a), &w(b), k), d <= k, "{a} {b} within {k}");
+                assert_eq!(within_edits(&w(b), &w(a), k), d <= k, "{b} {a} within {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn typo_matches_are_highlighted() {
+        let mut b = Schema::builder();
+        let field = b.add_text_field("text", TEXT);
+        let index = Index::create_in_ram(b.build());
+        crate::search::register_tokenizers(&index);
+        let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+        let mut doc = TantivyDocument::default();
+        doc.add_text(field, "Raft reaches consensus");
+        writer.add_document(doc).unwrap();
+        writer.commit().unwrap();
+        let searcher = index.reader().unwrap().searcher();
+        let raft = TermQuery::new(
+            Term::from_field_text(field, "raft"),
+            IndexRecordOption::WithFreqs,
+        );
+        let typos = [("consensos".to_string(), 1)];
+        let mut h = Highlighter::new(&searcher, &raft, &typos, field, 160).unwrap();
+        assert_eq!(
+            h.html("Raft reaches Consensus, and consensual is two edits away")
+                .as_deref(),
+            Some("<b>Raft</b> reaches <b>Consensus</b>, and consensual is two edits away")
+        );
+        assert_eq!(
+            h.html("École: Raft atteint le consensus").as_deref(),
+            Some("École: <b>Raft</b> atteint le <b>consensus</b>")
+        );
+        // Only typos, no exact word.
+        let none = BooleanQuery::new(Vec::new());
+        let mut h = Highlighter::new(&searcher, &none, &typos, field, 160).unwrap();
+        assert_eq!(h.html("no match here"), None);
+        assert_eq!(h.html("consensus").as_deref(), Some("<b>consensus</b>"));
     }
 
     #[test]

@@ -460,11 +460,19 @@ async fn search_ranks_phrases_tolerates_typos_highlights_and_pages() -> TestResu
         std::slice::from_ref(&quokka.post_id),
         "one typo: {v}"
     );
-    let v = search(&env, "marmelode", &[], last).await;
+    assert_eq!(
+        v["data"][0]["highlights"]["content"], "a <b>quokka</b> smiles",
+        "what the typo matched is highlighted: {v}"
+    );
+    let v = search(&env, "marmelode toast", &[], last).await;
     assert_eq!(
         hit_ids(&v),
         std::slice::from_ref(&marmalade.post_id),
         "two typos: {v}"
+    );
+    assert_eq!(
+        v["data"][0]["highlights"]["content"], "orange <b>marmalade</b> on <b>toast</b>",
+        "{v}"
     );
     for q in ["yort", "qokkz"] {
         let v = search(&env, q, &[], last).await;
