@@ -392,6 +392,7 @@ async fn projections(State(state): State<AppState>) -> Response {
     })
     .await
     .unwrap_or_default();
+    let stream_error = state.inner.feed.stream_error();
     let data: Vec<Value> = state
         .inner
         .statuses
@@ -414,6 +415,7 @@ async fn projections(State(state): State<AppState>) -> Response {
                 "parked_recent": recent.get(snap.name.as_str()).cloned().unwrap_or_default(),
                 "caught_up_once": snap.caught_up_once,
                 "last_error": snap.last_error,
+                "stream_error": stream_error,
                 "rebuild": rebuild,
             })
         })

@@ -113,6 +113,25 @@ impl Batch {
 pub struct Feed {
     store: EventStore,
     ctl: mpsc::UnboundedSender<Subscriber>,
+    health: Health,
+}
+
+/// What is wrong with reading the stream right now, if anything: the
+/// projections keep their state and retry, and an operator can see why
+/// nothing arrives.
+#[derive(Clone, Default)]
+struct Health(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Health {
+    fn set(&self, error: Option<String>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = error;
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
 }
 
 impl Feed {
@@ -121,13 +140,22 @@ impl Feed {
     #[must_use]
     pub fn start(store: EventStore, options: &RunnerOptions, name: &str) -> Self {
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let health = Health::default();
         tokio::spawn(feed(
             store.clone(),
             options.clone(),
             name.to_string(),
             ctl_rx,
+            health.clone(),
         ));
-        Self { store, ctl }
+        Self { store, ctl, health }
+    }
+
+    /// Why the stream cannot be read right now (NATS or the stream
+    /// unreachable, the consumer failing), or `None` when it can.
+    #[must_use]
+    pub fn stream_error(&self) -> Option<String> {
+        self.health.get()
     }
 
     fn subscribe(&self, from: u64, depth: usize) -> mpsc::Receiver<Arc<Batch>> {
@@ -151,6 +179,7 @@ async fn feed(
     options: RunnerOptions,
     name: String,
     mut ctl: mpsc::UnboundedReceiver<Subscriber>,
+    health: Health,
 ) {
     let mut subs: Vec<Subscriber> = Vec::new();
     loop {
@@ -173,6 +202,7 @@ async fn feed(
             tx,
             options.clone(),
             name.clone(),
+            health.clone(),
         ));
         // Next sequence the fetcher will hand over.
         let mut position = from;
@@ -609,12 +639,13 @@ async fn fetch(
     tx: mpsc::Sender<Batch>,
     options: RunnerOptions,
     name: String,
+    health: Health,
 ) {
     let mut next = from;
     let mut backoff = BACKOFF_MIN;
     loop {
         let before = next;
-        match fetch_once(&store, &mut next, &tx, &options).await {
+        match fetch_once(&store, &mut next, &tx, &options, &health).await {
             Ok(()) => return, // receiver gone: we are being stopped
             Err(e) => {
                 if next > before {
@@ -627,6 +658,7 @@ async fn fetch(
                     error = e,
                     "stream follower failed; recreating"
                 );
+                health.set(Some(format!("stream follower failed: {e}")));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
@@ -664,6 +696,7 @@ async fn fetch_once(
     next: &mut u64,
     tx: &mpsc::Sender<Batch>,
     options: &RunnerOptions,
+    health: &Health,
 ) -> Result<(), String> {
     let stream = store
         .jetstream()
@@ -682,10 +715,16 @@ async fn fetch_once(
                 Ok(first) => break first,
                 Err(_quiet) => {
                     let wanted = options.stop_at.is_none_or(|stop| *next <= stop);
-                    if wanted && store.last_seq().await.is_ok_and(|head| head >= *next) {
-                        return Err(format!(
-                            "nothing delivered for {STALL_TIMEOUT:?} while the stream has sequence {next}; the consumer is presumed lost"
-                        ));
+                    match store.last_seq().await {
+                        Ok(head) => {
+                            health.set(None);
+                            if wanted && head >= *next {
+                                return Err(format!(
+                                    "nothing delivered for {STALL_TIMEOUT:?} while the stream has sequence {next}; the consumer is presumed lost"
+                                ));
+                            }
+                        }
+                        Err(e) => health.set(Some(format!("stream unreachable: {e}"))),
                     }
                 }
             }
@@ -708,7 +747,10 @@ async fn fetch_once(
             Ok(pending)
         };
         let mut pending_after = match first {
-            Some(Ok(msg)) => push(msg, &mut items, next)?,
+            Some(Ok(msg)) => {
+                health.set(None);
+                push(msg, &mut items, next)?
+            }
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("consumer closed".into()),
         };

@@ -1338,3 +1338,79 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
     }
     Ok(())
 }
+
+/// With NATS gone, `/projections` says the stream is unreachable, reads
+/// keep being served from the local stores, and once NATS is back the
+/// projections go on by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projections_show_an_unreachable_stream_and_recover() -> TestResult {
+    let mut env = QueryEnv::start().await?;
+    let before = env.create("before the outage", "lorem", "ann").await?;
+    wait_checkpoints(&env.http, &env.query.base_url, before.seq).await?;
+    let entries = e2e_tests::projections(&env.http, &env.query.base_url).await?;
+    for name in e2e_tests::PROJECTION_NAMES {
+        assert!(
+            projection(&entries, name)["stream_error"].is_null(),
+            "{entries:?}"
+        );
+    }
+
+    tokio::task::block_in_place(|| env.nats.kill());
+    let entries = wait_for(
+        "a stream error on /projections",
+        Duration::from_secs(60),
+        || {
+            let http = env.http.clone();
+            let base = env.query.base_url.clone();
+            async move {
+                let entries = e2e_tests::projections(&http, &base).await.ok()?;
+                e2e_tests::PROJECTION_NAMES
+                    .iter()
+                    .all(|n| projection(&entries, n)["stream_error"].is_string())
+                    .then_some(entries)
+            }
+        },
+    )
+    .await?;
+    let view = projection(&entries, "post-view");
+    assert_eq!(
+        view["state"], "running",
+        "a stream outage is no fault of the projection: {view}"
+    );
+    assert!(view["last_error"].is_null(), "{view}");
+    // Reads are served from the local copy meanwhile.
+    let read = Reply::of(env.http.get(env.q(&format!("/posts/{}", before.post_id)))).await?;
+    assert_eq!(read.status, 200, "{read:?}");
+
+    e2e_tests::restart_nats(&mut env.nats).await?;
+    // The command service answers 503 until it has reconnected.
+    let after = wait_for(
+        "a create after the restart",
+        Duration::from_secs(60),
+        || {
+            let req = env.http.post(env.cmd("/posts")).json(
+                &json!({"title": "after the outage", "content": "lorem", "author_name": "ann"}),
+            );
+            async move {
+                let reply = Reply::of(req).await.ok().filter(|r| r.status == 201)?;
+                reply.json()["seq"].as_u64()
+            }
+        },
+    )
+    .await?;
+    wait_checkpoints(&env.http, &env.query.base_url, after).await?;
+    let entries = wait_for("the stream error cleared", Duration::from_secs(30), || {
+        let http = env.http.clone();
+        let base = env.query.base_url.clone();
+        async move {
+            let entries = e2e_tests::projections(&http, &base).await.ok()?;
+            e2e_tests::PROJECTION_NAMES
+                .iter()
+                .all(|n| projection(&entries, n)["stream_error"].is_null())
+                .then_some(entries)
+        }
+    })
+    .await?;
+    assert_eq!(projection(&entries, "post-search")["checkpoint"], after);
+    Ok(())
+}
