@@ -601,6 +601,15 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
     raw_post(valid.clone(), Some("application/x-www-form-urlencoded"))
         .await?
         .assert_problem(415, "application/json");
+    Reply::of(
+        env.http
+            .post(&posts_url)
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", "gzip")
+            .body(valid.clone()),
+    )
+    .await?
+    .assert_problem(415, "Content-Encoding");
 
     // Headers.
     for key in ["k".repeat(256), String::new()] {
