@@ -924,6 +924,27 @@ pub fn query_args(nats_url: &str, port: u16, data_dir: &std::path::Path) -> Vec<
     ]
 }
 
+/// Waits until `process` logs that it listens on `127.0.0.1:port`: the port
+/// is ours, not another test's service that took it first.
+///
+/// # Errors
+/// When no such line appears within [`CATCH_UP_DEADLINE`].
+pub async fn wait_listening(process: &testkit::ServiceProcess, port: u16) -> anyhow::Result<()> {
+    let address = format!("127.0.0.1:{port}");
+    wait_for(
+        &format!("a log line: listening on {address}"),
+        CATCH_UP_DEADLINE,
+        || {
+            let found = process
+                .log()
+                .lines()
+                .any(|l| l.contains("listening") && l.contains(&address));
+            async move { found.then_some(()) }
+        },
+    )
+    .await
+}
+
 /// Spawns a `posts-query` process (built by `cargo build --bins`) on
 /// `data_dir` and a free port, and waits until it is ready (`/readyz` 200).
 /// Retries when the port was taken.

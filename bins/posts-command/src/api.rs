@@ -112,14 +112,19 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     }
     // No body is decompressed: a compressed one would only read as
     // malformed JSON (RFC 9110 15.5.16: 415 for an unsupported coding).
-    if let Some(coding) = headers.get(header::CONTENT_ENCODING) {
-        let coding = coding.to_str().unwrap_or("").trim();
-        if !coding.eq_ignore_ascii_case("identity") {
-            return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-content-encoding",
-                format!("Content-Encoding {coding:?} is not supported; send the body uncompressed"),
-            ));
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value.to_str().unwrap_or("?");
+        // A list, possibly over several header lines.
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("identity") {
+                return Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-content-encoding",
+                    format!(
+                        "Content-Encoding {coding:?} is not supported; send the body uncompressed"
+                    ),
+                ));
+            }
         }
     }
     let too_large = || {

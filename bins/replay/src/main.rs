@@ -287,7 +287,11 @@ async fn replay_one(
             outcome.live_digest = body["live_digest"].as_str().map(str::to_string);
             outcome.rebuilt_digest = body["rebuilt_digest"].as_str().map(str::to_string);
             if args.verify {
-                outcome.verified = Some(outcome.live_digest == outcome.rebuilt_digest);
+                let (Some(live), Some(rebuilt)) = (&outcome.live_digest, &outcome.rebuilt_digest)
+                else {
+                    bail!("{name}: posts-query swapped without the digests --verify asked for");
+                };
+                outcome.verified = Some(live == rebuilt);
             }
         }
     }

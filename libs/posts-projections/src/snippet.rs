@@ -93,7 +93,12 @@ impl Highlighter {
             clippy::cast_precision_loss,
             reason = "a weight, as tantivy computes them"
         )]
-        let typo_weight = TYPO_SHARE / (1.0 + searcher.num_docs() as Score);
+        let typo_weight = {
+            // Every document, deleted ones too, as `doc_freq` counts them:
+            // no exact word's weight can be below this.
+            let docs: u32 = searcher.segment_readers().iter().map(|r| r.max_doc()).sum();
+            TYPO_SHARE / (1.0 + docs as Score)
+        };
         Ok(Self {
             terms,
             typos: typos
@@ -106,12 +111,15 @@ impl Highlighter {
         })
     }
 
-    /// The weight of a token (lowercase characters) that is no query word:
-    /// a typo match's, or none.
-    fn typo(typos: &[(Vec<char>, usize)], weight: Score, token: &[char]) -> Option<Score> {
+    /// The weight of a token that is no query word: a typo match's, or none.
+    fn typo(typos: &[(Vec<char>, usize)], weight: Score, token: &str) -> Option<Score> {
+        if typos.is_empty() {
+            return None;
+        }
+        let token: Vec<char> = token.to_lowercase().chars().collect();
         typos
             .iter()
-            .any(|(word, budget)| within_edits(word, token, *budget))
+            .any(|(word, budget)| within_edits(word, &token, *budget))
             .then_some(weight)
     }
 
@@ -146,8 +154,8 @@ impl Highlighter {
             .map(|(_, score)| *score)
     }
 
-    /// The best fragment of `text` as HTML, its query words in `<b>`, or
-    /// `None` when no query word is in it.
+    /// The best fragment of `text` as HTML, its query words (and what a
+    /// typo matched) in `<b>`, or `None` when there is none of them in it.
     pub fn html(&mut self, text: &str) -> Option<String> {
         if self.terms.is_empty() && self.typos.is_empty() {
             return None;
@@ -184,17 +192,8 @@ impl Highlighter {
                 let AsciiWord::Word(word) = word else {
                     continue; // too long: dropped by the analyzer
                 };
-                let word_bytes = &bytes[word.clone()];
-                let weight = Self::ascii_weight(&self.terms, word_bytes).or_else(|| {
-                    if self.typos.is_empty() {
-                        return None;
-                    }
-                    let lower: Vec<char> = word_bytes
-                        .iter()
-                        .map(|b| char::from(b.to_ascii_lowercase()))
-                        .collect();
-                    Self::typo(&self.typos, self.typo_weight, &lower)
-                });
+                let weight = Self::ascii_weight(&self.terms, &bytes[word.clone()])
+                    .or_else(|| Self::typo(&self.typos, self.typo_weight, &text[word.clone()]));
                 search.token(word, weight);
             }
         } else {
@@ -202,13 +201,8 @@ impl Highlighter {
             let mut stream = self.analyzer.token_stream(text);
             while stream.advance() {
                 let token = stream.token();
-                let weight = Self::weight(terms, &token.text).or_else(|| {
-                    if typos.is_empty() {
-                        return None;
-                    }
-                    let lower: Vec<char> = token.text.to_lowercase().chars().collect();
-                    Self::typo(typos, typo_weight, &lower)
-                });
+                let weight = Self::weight(terms, &token.text)
+                    .or_else(|| Self::typo(typos, typo_weight, &token.text));
                 search.token(token.offset_from..token.offset_to, weight);
             }
         }
@@ -249,7 +243,8 @@ impl FragmentSearch {
     }
 }
 
-/// A typo match's weight relative to the rarest possible exact word's.
+/// A typo match's weight relative to that of the commonest possible exact
+/// word (one in every document).
 const TYPO_SHARE: Score = 0.3;
 
 /// Whether `a` and `b` are at most `k` edits apart, counting an insertion,
@@ -494,9 +489,9 @@ mod tests {
         let typos = [("consensos".to_string(), 1)];
         let mut h = Highlighter::new(&searcher, &raft, &typos, field, 160).unwrap();
         assert_eq!(
-            h.html("Raft reaches Consensus, and consensual is two edits away")
+            h.html("Raft reaches Consensus, and consensual is three edits away")
                 .as_deref(),
-            Some("<b>Raft</b> reaches <b>Consensus</b>, and consensual is two edits away")
+            Some("<b>Raft</b> reaches <b>Consensus</b>, and consensual is three edits away")
         );
         assert_eq!(
             h.html("École: Raft atteint le consensus").as_deref(),

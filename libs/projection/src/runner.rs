@@ -151,8 +151,11 @@ impl Feed {
         Self { store, ctl, health }
     }
 
-    /// Why the stream cannot be read right now (NATS or the stream
-    /// unreachable, the consumer failing), or `None` when it can.
+    /// Why the stream could not be read when last tried (NATS or the stream
+    /// unreachable, the consumer failing), or `None` when it could. It is
+    /// seen a few seconds after NATS goes (the idle check's stream-info
+    /// request times out first), and stays as it was while nothing follows
+    /// the feed.
     #[must_use]
     pub fn stream_error(&self) -> Option<String> {
         self.health.get()

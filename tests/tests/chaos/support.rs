@@ -728,10 +728,11 @@ impl ReplayRun {
             .map(|p| p["name"].as_str().unwrap_or_default())
             .collect();
         names.sort_unstable();
-        let want: &[&str] = match self.projection.as_str() {
-            "all" => &["post-search", "post-view"],
-            one => &[one],
+        let mut want: Vec<&str> = match self.projection.as_str() {
+            "all" => e2e_tests::PROJECTION_NAMES.to_vec(),
+            one => vec![one],
         };
+        want.sort_unstable();
         ensure!(
             names == want,
             "replay {} rebuilt {names:?}, want {want:?}: {v}",

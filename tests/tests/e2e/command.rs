@@ -994,14 +994,7 @@ async fn services_take_their_settings_from_the_environment() -> TestResult {
     // Listening where the environment said (and not some other test's
     // service that took the port first).
     for (process, port) in [(&command, command_port), (&query, query_port)] {
-        wait_for("the listening line", Duration::from_secs(30), || {
-            let found = process
-                .log()
-                .lines()
-                .any(|l| l.contains("listening") && l.contains(&format!("127.0.0.1:{port}")));
-            async move { found.then_some(()) }
-        })
-        .await?;
+        e2e_tests::wait_listening(process, port).await?;
     }
 
     let http = http_client();
