@@ -1274,22 +1274,7 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
     let base = format!("http://127.0.0.1:{port}");
     let http = http_client();
 
-    let (view, search) = wait_for(
-        "post-view halted and post-search caught up",
-        e2e_tests::CATCH_UP_DEADLINE,
-        || {
-            let http = http.clone();
-            let base = base.clone();
-            async move {
-                let all = e2e_tests::projections(&http, &base).await.ok()?;
-                let view = projection(&all, "post-view").clone();
-                let search = projection(&all, "post-search").clone();
-                (view["state"] == "halted" && search["checkpoint"] == head)
-                    .then_some((view, search))
-            }
-        },
-    )
-    .await?;
+    let (view, search) = view_halted_search_at(&http, &base, head).await?;
     assert!(
         view["last_error"]
             .as_str()
@@ -1331,21 +1316,7 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
         };
         head = publish_event(&js, id, &event).await?;
     }
-    wait_for(
-        "post-view halted again",
-        e2e_tests::CATCH_UP_DEADLINE,
-        || {
-            let http = http.clone();
-            let base = base.clone();
-            async move {
-                let all = e2e_tests::projections(&http, &base).await.ok()?;
-                let view = projection(&all, "post-view").clone();
-                (view["state"] == "halted" && projection(&all, "post-search")["checkpoint"] == head)
-                    .then_some(())
-            }
-        },
-    )
-    .await?;
+    view_halted_search_at(&http, &base, head).await?;
     let all = e2e_tests::projections(&http, &base).await?;
     assert_eq!(
         projection(&all, "post-view")["checkpoint"],
@@ -1374,6 +1345,26 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
     Ok(())
 }
 
+/// Waits until post-view is halted while post-search has applied up to
+/// `head`; returns both `/projections` entries.
+async fn view_halted_search_at(
+    http: &reqwest::Client,
+    base: &str,
+    head: u64,
+) -> anyhow::Result<(Value, Value)> {
+    wait_for(
+        "post-view halted and post-search at the head",
+        e2e_tests::CATCH_UP_DEADLINE,
+        || async move {
+            let all = e2e_tests::projections(http, base).await.ok()?;
+            let view = projection(&all, "post-view").clone();
+            let search = projection(&all, "post-search").clone();
+            (view["state"] == "halted" && search["checkpoint"] == head).then_some((view, search))
+        },
+    )
+    .await
+}
+
 /// With NATS gone, `/projections` says the stream is unreachable, reads
 /// keep being served from the local stores, and once NATS is back the
 /// projections go on by themselves.
@@ -1391,22 +1382,7 @@ async fn projections_show_an_unreachable_stream_and_recover() -> TestResult {
     }
 
     tokio::task::block_in_place(|| env.nats.kill());
-    let entries = wait_for(
-        "a stream error on /projections",
-        Duration::from_secs(60),
-        || {
-            let http = env.http.clone();
-            let base = env.query.base_url.clone();
-            async move {
-                let entries = e2e_tests::projections(&http, &base).await.ok()?;
-                e2e_tests::PROJECTION_NAMES
-                    .iter()
-                    .all(|n| projection(&entries, n)["stream_error"].is_string())
-                    .then_some(entries)
-            }
-        },
-    )
-    .await?;
+    let entries = stream_errors_are(&env, true).await?;
     let view = projection(&entries, "post-view");
     assert_eq!(
         view["state"], "running",
@@ -1434,18 +1410,29 @@ async fn projections_show_an_unreachable_stream_and_recover() -> TestResult {
     )
     .await?;
     wait_checkpoints(&env.http, &env.query.base_url, after).await?;
-    let entries = wait_for("the stream error cleared", Duration::from_secs(30), || {
-        let http = env.http.clone();
-        let base = env.query.base_url.clone();
-        async move {
-            let entries = e2e_tests::projections(&http, &base).await.ok()?;
-            e2e_tests::PROJECTION_NAMES
-                .iter()
-                .all(|n| projection(&entries, n)["stream_error"].is_null())
-                .then_some(entries)
-        }
-    })
-    .await?;
+    let entries = stream_errors_are(&env, false).await?;
     assert_eq!(projection(&entries, "post-search")["checkpoint"], after);
     Ok(())
+}
+
+/// Waits until every projection's `stream_error` is set (or clear); returns
+/// the `/projections` entries.
+async fn stream_errors_are(env: &QueryEnv, set: bool) -> anyhow::Result<Vec<Value>> {
+    let what = if set { "set" } else { "clear" };
+    wait_for(
+        &format!("every stream_error {what}"),
+        Duration::from_secs(60),
+        || {
+            let http = env.http.clone();
+            let base = env.query.base_url.clone();
+            async move {
+                let entries = e2e_tests::projections(&http, &base).await.ok()?;
+                e2e_tests::PROJECTION_NAMES
+                    .iter()
+                    .all(|n| projection(&entries, n)["stream_error"].is_string() == set)
+                    .then_some(entries)
+            }
+        },
+    )
+    .await
 }
