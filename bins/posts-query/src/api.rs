@@ -244,7 +244,9 @@ async fn search(
         .await?
         .map_err(|e| match e {
             SearchError::Empty => bad("invalid-query", "q has no searchable words"),
-            SearchError::TooLong | SearchError::TooManyTerms => bad("invalid-query", e.to_string()),
+            SearchError::TooLong | SearchError::TooManyTerms | SearchError::WordTooLong(..) => {
+                bad("invalid-query", e.to_string())
+            }
             SearchError::Index(_) => Problem::internal(&e),
         })?;
     Ok(Json(json!({

@@ -808,6 +808,12 @@ pub enum SearchError {
     TooLong,
     #[error("query has more than {QUERY_TERMS_MAX} terms")]
     TooManyTerms,
+    /// No post can match it: such words are not indexed.
+    #[error(
+        "{0:?} is {1} bytes long; words of {limit} bytes or more are not indexed, so they cannot be searched",
+        limit = crate::tokenizer::TOKEN_BYTES_LIMIT
+    )]
+    WordTooLong(String, usize),
     #[error("search index: {0}")]
     Index(String),
 }
@@ -1018,6 +1024,15 @@ impl SearchReader {
         let parts = split_query(q);
         if parts.len() > QUERY_TERMS_MAX {
             return Err(SearchError::TooManyTerms);
+        }
+        // The analyzer would drop such a word, and the query would then ask
+        // for less than "every word": refuse it, saying why.
+        if let Some(word) = parts
+            .iter()
+            .flat_map(|(_, text)| text.split(|c: char| !c.is_alphanumeric()))
+            .find(|w| w.len() >= crate::tokenizer::TOKEN_BYTES_LIMIT)
+        {
+            return Err(SearchError::WordTooLong(word.to_string(), word.len()));
         }
         let f = self.fields;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();

@@ -12,7 +12,7 @@ use tantivy::tokenizer::{
 };
 
 /// Tokens of this many bytes or more are dropped (tantivy's default).
-const TOKEN_BYTES_LIMIT: usize = 40;
+pub(crate) const TOKEN_BYTES_LIMIT: usize = 40;
 
 /// The analyzer the index registers as `default`.
 #[derive(Clone)]

@@ -608,6 +608,22 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
     get("/posts/search", vec![("q", "x".repeat(513))])
         .await?
         .assert_problem(400, "512");
+    // A word the tokenizer would drop: refused, not silently left out.
+    for q in [
+        format!("marmoset {}", "m".repeat(40)),
+        format!("\"a phrase with {}\"", "y".repeat(45)),
+        "東京でイベントソーシングを学ぶ".to_string(),
+    ] {
+        get("/posts/search", vec![("q", q.clone())])
+            .await?
+            .assert_problem(400, "not indexed");
+    }
+    let r = get(
+        "/posts/search",
+        vec![("q", format!("marmoset {}", "m".repeat(39)))],
+    )
+    .await?;
+    assert_eq!(r.status, 200, "39 bytes are searchable: {r:?}");
     // 16 words of 31 letters and their spaces: 512 bytes, 16 terms, both
     // at the limit (words stay under the tokenizer's 40-byte cut-off).
     let widest: String = (0..16)
