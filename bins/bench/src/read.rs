@@ -401,15 +401,16 @@ struct LiveQuery {
 }
 
 /// Spawns `posts-query` on an empty data dir and times it until both
-/// projections have made `last_seq` visible.
-fn catch_up_round(
+/// projections have made `last_seq` visible; the cost is named by `round`.
+fn catch_up(
     rt: &Runtime,
     client: &reqwest::Client,
     nats_url: &str,
     last_seq: u64,
     sizes: &Sizes,
     nats_pid: Option<u32>,
-) -> anyhow::Result<(CatchUpRound, LiveQuery)> {
+    round: usize,
+) -> anyhow::Result<(CatchUp, PhaseCost, LiveQuery)> {
     let data = testkit::temp_dir("bench-query")?;
     let port = testkit::free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -429,16 +430,13 @@ fn catch_up_round(
         started,
         sizes.catch_up_deadline(),
     ));
-    let cost = watch.finish("projection_catchup");
+    let cost = watch.finish(&format!("projection_catchup round {round}"));
     if let Some(e) = &mut caught.error {
         e.push_str(&format!(" (log: {})", query.log_path().display()));
     }
     Ok((
-        CatchUpRound {
-            caught,
-            cost,
-            drain: None,
-        },
+        caught,
+        cost,
         LiveQuery {
             query,
             data,
@@ -583,7 +581,6 @@ pub fn run(
     // ceiling, catch-up the same way. The last round's `posts-query` stays
     // up for the reads below.
     let client = http_client()?;
-    let mut drains = Vec::new();
     let mut drain_error = None;
     let mut rounds: Vec<CatchUpRound> = Vec::new();
     let mut live: Option<LiveQuery> = None;
@@ -597,7 +594,6 @@ pub fn run(
         let drain = match rt.block_on(ordered_drain(&url, last_seq)) {
             Ok(rate) => {
                 println!("  round {round}: raw_ordered_drain = {rate:.0} events/s");
-                drains.push(rate);
                 Some(rate)
             }
             Err(e) => {
@@ -606,9 +602,12 @@ pub fn run(
             }
         };
         report.phase(watch.finish(&format!("raw_ordered_drain round {round}")));
-        let (mut run, query) = catch_up_round(rt, &client, &url, last_seq, sizes, nats_pid)?;
-        run.drain = drain;
-        run.cost.phase = format!("projection_catchup round {round}");
+        let (caught, cost, query) = catch_up(rt, &client, &url, last_seq, sizes, nats_pid, round)?;
+        let run = CatchUpRound {
+            caught,
+            cost,
+            drain,
+        };
         report.phase(run.cost.clone());
         println!(
             "  round {round}: projection_catchup = {}",
@@ -642,6 +641,7 @@ pub fn run(
     else {
         bail!("no catch-up round ran");
     };
+    let drains: Vec<f64> = rounds.iter().filter_map(|r| r.drain).collect();
     report.add(
         "raw_ordered_drain",
         drains.iter().copied().reduce(f64::max),
