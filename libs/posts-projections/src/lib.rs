@@ -73,6 +73,22 @@ fn incoming_at(seq: u64, id: &str, at_s: i64, event: &Event) -> Incoming {
     }
 }
 
+/// A small deterministic generator for unit tests (xorshift64*); the seed
+/// must not be 0.
+#[cfg(test)]
+struct Rng(u64);
+
+#[cfg(test)]
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        usize::try_from(x % n as u64).unwrap()
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1792,7 +1792,7 @@ mod tests {
     /// forced merge in a random order sometimes runs before the next commit.
     /// tantivy's own merges race the applies, so the outcome depends on
     /// timing: without `past_committed_opstamp` the default seeds caught the
-    /// lost delete in 2 of 6 runs (the two tests above, every time). A soak
+    /// lost delete in 6 of 16 runs (the two tests above, every time). A soak
     /// runs many seeds: `STRESS_SEEDS=1,2,...`, in release, on a busy machine.
     #[test]
     fn upserts_survive_crashes_and_redelivery() {
@@ -1806,14 +1806,9 @@ mod tests {
     }
 
     fn stress(seed: u64) {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
-        const POSTS: u64 = 300;
+        let mut rng = crate::Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut next = move |n: usize| rng.below(n);
+        const POSTS: usize = 300;
         // The stream: every event, and the model after each.
         let mut log: Vec<Incoming> = Vec::new();
         let mut models: Vec<std::collections::BTreeMap<String, (u64, bool)>> =
@@ -1854,32 +1849,31 @@ mod tests {
         let check = |reader: &SearchReader, checkpoint: u64, what: &str| {
             reader.reader.reload().unwrap();
             let want = &models[checkpoint as usize];
-            let mut got: std::collections::BTreeMap<String, Vec<(u64, bool)>> = Default::default();
-            let mut segs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            // Each post's live documents: version, deleted, and where (for
+            // the failure message).
+            let mut got: std::collections::BTreeMap<String, Vec<(u64, bool, String)>> =
+                Default::default();
             for segment in reader.reader.searcher().segment_readers() {
                 let store = segment.get_store_reader(64).unwrap();
                 for doc_id in segment.doc_ids_alive() {
                     let t: TantivyDocument = store.get(doc_id).unwrap();
                     let d = from_tantivy(&t, reader.fields);
-                    segs.entry(d.post_id.clone()).or_default().push(format!(
-                        "v{}@{}#{doc_id}",
-                        d.version,
-                        segment.segment_id().short_uuid_string()
-                    ));
+                    let at = format!("{}#{doc_id}", segment.segment_id().short_uuid_string());
                     got.entry(d.post_id)
                         .or_default()
-                        .push((d.version, d.deleted));
+                        .push((d.version, d.deleted, at));
                 }
             }
-            for v in got.values_mut() {
-                v.sort_unstable();
-            }
             for (id, v) in want {
+                let live: Vec<(u64, bool)> = got
+                    .get(id)
+                    .map(|docs| docs.iter().map(|(v, d, _)| (*v, *d)).collect())
+                    .unwrap_or_default();
                 assert_eq!(
-                    got.get(id).map(Vec::as_slice),
-                    Some(&[*v][..]),
+                    live,
+                    [*v],
                     "seed {seed}, {what} at checkpoint {checkpoint}: {id} {:?}",
-                    segs.get(id)
+                    got.get(id)
                 );
             }
             assert_eq!(got.len(), want.len(), "seed {seed} at {checkpoint}");
@@ -1888,7 +1882,7 @@ mod tests {
         let mut batches = 0;
         let mut restarted = false;
         while at < log.len() {
-            let n = 1 + next(200) as usize;
+            let n = 1 + next(200);
             let batch: Vec<&Incoming> = log[at..(at + n).min(log.len())].iter().collect();
             at += batch.len();
             assert!(p.apply_batch(&batch).unwrap().is_empty());
@@ -1899,7 +1893,7 @@ mod tests {
                 // harmlessly, when tantivy is merging them too).
                 let mut ids = segment_ids(&reader);
                 for i in (1..ids.len()).rev() {
-                    ids.swap(i, next(i as u64 + 1) as usize);
+                    ids.swap(i, next(i + 1));
                 }
                 if ids.len() > 1 {
                     let _ = p.writer.merge(&ids).wait();

@@ -319,19 +319,7 @@ mod tests {
     use tantivy::{Index, IndexWriter, TantivyDocument};
 
     use super::*;
-
-    /// A small deterministic generator (xorshift64*).
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            usize::try_from(x % n as u64).unwrap()
-        }
-    }
+    use crate::Rng;
 
     /// ASCII words first: a text of only those takes the fast path.
     const WORDS: [&str; 17] = [
