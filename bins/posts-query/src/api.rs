@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use eventstore::Replica;
 use posts::Event;
-use posts_projections::search::{SEARCH_OFFSET_MAX, SearchError};
+use posts_projections::search::{Hit, SEARCH_OFFSET_MAX, SearchError};
 use posts_projections::view::{Row, ViewError};
 use posts_projections::{POST_SEARCH, POST_VIEW, format_micros};
 use serde::Serialize;
@@ -199,7 +199,11 @@ async fn list(
         .await?
         .map_err(view_problem)?;
     let data: Vec<PostDto> = page.rows.into_iter().map(|(id, r)| dto(id, r)).collect();
-    Ok(Json(json!({ "data": data, "next_cursor": page.next_cursor })).into_response())
+    Ok(Json(ListPage {
+        data,
+        next_cursor: page.next_cursor,
+    })
+    .into_response())
 }
 
 fn decode_offset(cursor: &str) -> Result<usize, Problem> {
@@ -249,12 +253,29 @@ async fn search(
             }
             SearchError::Index(_) => Problem::internal(&e),
         })?;
-    Ok(Json(json!({
-        "data": results.hits,
-        "total": results.total,
-        "next_cursor": results.next_offset.map(|o| format!("o{o}")),
-    }))
+    Ok(Json(SearchPage {
+        data: results.hits,
+        total: results.total,
+        next_cursor: results.next_offset.map(|o| format!("o{o}")),
+    })
     .into_response())
+}
+
+/// A page of search hits, serialised straight from them: a `json!` tree
+/// copied every hit's strings into maps first, most of the JSON work in a
+/// search's CPU profile.
+#[derive(Serialize)]
+struct SearchPage {
+    data: Vec<Hit>,
+    total: usize,
+    next_cursor: Option<String>,
+}
+
+/// A page of a listing, serialised straight from its rows.
+#[derive(Serialize)]
+struct ListPage {
+    data: Vec<PostDto>,
+    next_cursor: Option<String>,
 }
 
 fn event_json(event: &Event) -> Value {

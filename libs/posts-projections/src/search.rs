@@ -4,7 +4,7 @@
 //! stay as text-less tombstones so the projection can tell "deleted" from
 //! "never existed" exactly as `post-view` does, and are never returned.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::Arc;
@@ -808,7 +808,8 @@ pub struct Hit {
     pub title: String,
     pub author_name: String,
     pub score: f32,
-    pub highlights: HashMap<&'static str, String>,
+    /// By field name; ordered, so that a hit serialises the same every time.
+    pub highlights: BTreeMap<&'static str, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -1171,7 +1172,7 @@ impl SearchReader {
         for (score, addr) in top {
             let t: TantivyDocument = searcher.doc(addr).map_err(idx)?;
             let d = from_tantivy(&t, self.fields);
-            let mut highlights = HashMap::new();
+            let mut highlights = BTreeMap::new();
             for (name, text) in [("title", &d.title), ("content", &d.content)] {
                 if let Some(html) = snippets.html(text) {
                     highlights.insert(name, html);
