@@ -364,7 +364,11 @@ fn main() -> anyhow::Result<()> {
          (creates, then one update per post per round, 1 in 100 posts ending deleted) written by raw publishes with the command service's headers; \
          the raw ordered drain and posts-query's catch-up from an empty data dir alternate in {catchup_rounds} rounds, and each reports its best round \
          (other load on the machine only slows a run down, so the best is the least disturbed; the note on projection_catchup has every round).",
-        costs = report.load_costs.join("; "),
+        costs = if report.load_costs.is_empty() {
+            "no write run here; read metrics give the bench process's CPU per operation in their notes".to_string()
+        } else {
+            report.load_costs.join("; ")
+        },
         in_flight = write::THROUGHPUT_IN_FLIGHT,
         rounds = sizes.throughput_rounds,
         warm = sizes.throughput_warmup,

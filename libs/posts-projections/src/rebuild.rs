@@ -88,12 +88,11 @@ pub fn open(
             Ok((Box::new(p), Reader::View(r)))
         }
         POST_SEARCH => {
-            let heap = if for_replay {
-                search::WRITER_HEAP_REPLAY_BYTES
+            let (p, r) = if for_replay {
+                search::open_for_rebuild(path)?
             } else {
-                search::WRITER_HEAP_LIVE_BYTES
+                search::open(path, search::WRITER_HEAP_LIVE_BYTES)?
             };
-            let (p, r) = search::open(path, heap)?;
             Ok((Box::new(p), Reader::Search(r)))
         }
         other => anyhow::bail!("unknown projection {other:?}"),
@@ -149,7 +148,7 @@ pub async fn build_shadow(
         "shadow {} is not empty",
         path.display()
     );
-    let p = drain_to(
+    let mut p = drain_to(
         p,
         store.clone(),
         status,
@@ -158,6 +157,9 @@ pub async fn build_shadow(
     )
     .await
     .map_err(anyhow::Error::msg)?;
+    let p = tokio::task::spawn_blocking(move || p.compact().map(|()| p))
+        .await?
+        .map_err(anyhow::Error::msg)?;
     Ok((path, p, reader))
 }
 

@@ -87,6 +87,15 @@ pub trait Projection: Send + 'static {
     fn flush_due(&self) -> bool {
         true
     }
+    /// Called once a rebuild has applied everything up to its target, before
+    /// the store is aligned, compared and installed: the store makes itself
+    /// durable and may reorganise itself for reads. Default: a flush.
+    ///
+    /// # Errors
+    /// [`ProjectionError`] for a transient fault.
+    fn compact(&mut self) -> Result<(), ProjectionError> {
+        self.flush()
+    }
     /// Drops whatever was applied but not durable, back to `checkpoint()`.
     ///
     /// # Errors
