@@ -971,17 +971,7 @@ impl DenseBitmaps {
             return Ok(bits.clone());
         }
         let mut bits = vec![0u64; (segment.max_doc() as usize).div_ceil(64)];
-        let mut postings = postings()?;
-        loop {
-            let docs = postings.docs();
-            if docs.is_empty() {
-                break;
-            }
-            for &d in docs {
-                bits[(d >> 6) as usize] |= 1 << (d & 63);
-            }
-            postings.advance();
-        }
+        set_bits(&mut bits, &mut postings()?);
         let bits: Arc<[u64]> = bits.into();
         let mut cache = self.lock();
         cache.bytes += bits.len() * 8;
@@ -1003,6 +993,21 @@ impl DenseBitmaps {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Sets the bit of every document in `postings`, decoding them block by
+/// block.
+fn set_bits(bits: &mut [u64], postings: &mut tantivy::postings::BlockSegmentPostings) {
+    loop {
+        let docs = postings.docs();
+        if docs.is_empty() {
+            break;
+        }
+        for &d in docs {
+            bits[(d >> 6) as usize] |= 1 << (d & 63);
+        }
+        postings.advance();
     }
 }
 
@@ -1077,16 +1082,17 @@ fn count_conjunction(
             }
             // Tight loops per role: the first list fills the bitmap, middle
             // ones keep what they share with it, the last one counts.
+            if i == 0 && !last {
+                set_bits(&mut next, &mut postings);
+                std::mem::swap(&mut bits, &mut next);
+                continue;
+            }
             loop {
                 let docs = postings.docs();
                 if docs.is_empty() {
                     break;
                 }
-                if i == 0 && !last {
-                    for &d in docs {
-                        next[(d >> 6) as usize] |= 1 << (d & 63);
-                    }
-                } else if !last {
+                if !last {
                     for &d in docs {
                         let w = (d >> 6) as usize;
                         next[w] |= bits[w] & (1 << (d & 63));
