@@ -38,6 +38,12 @@ impl Outcome {
         percentile_ms(&mut self.latencies, p)
     }
 
+    /// Adds a later run of the same kind: counts, latencies and window.
+    pub fn absorb(&mut self, other: Self) {
+        self.window += other.window;
+        self.merge(other);
+    }
+
     fn merge(&mut self, other: Self) {
         self.ok += other.ok;
         self.errors += other.errors;

@@ -355,7 +355,7 @@ fn main() -> anyhow::Result<()> {
          so the generator's CPU competes with what it measures (per-phase CPU of every process is under \"phases\"; generator cost: {costs}); \
          each task sends its next request when the previous one is answered. \
          Creates: {in_flight} in flight for throughput, raw and HTTP alternating in {rounds} slices each ({warm:?} warm-up, then {slice:?} measured per slice), \
-         16 in flight for latency; raw publishes use async-nats with the same {in_flight}-wide window, headers and payload size ({payload} B postcard). \
+         16 in flight for latency, raw and HTTP alternating in {rounds} slices each; raw publishes use async-nats with the same {in_flight}-wide window, headers and payload size ({payload} B postcard). \
          Reads: 1 in flight for visibility (create, then GET with min_seq right after the ack), 8 for search \
          (two distinct words of one live post's final content per query). \
          Posts are generated text: a 4096-word vocabulary with Zipf-distributed frequencies, 3-8 word titles, 40-100 word contents. \

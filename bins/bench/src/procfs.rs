@@ -106,6 +106,16 @@ impl CpuWatch {
 }
 
 impl PhaseCost {
+    /// A phase with nothing measured yet, to [`absorb`](Self::absorb) slices into.
+    #[must_use]
+    pub fn named(phase: &str) -> Self {
+        Self {
+            phase: phase.to_string(),
+            wall_s: 0.0,
+            cpu_s: Vec::new(),
+        }
+    }
+
     /// CPU microseconds per event for each process, given the phase's event
     /// rate (warm-up included in both, so the ratio holds).
     #[must_use]

@@ -160,47 +160,96 @@ pub fn run(
     report.phase(http.cost);
 
     if sync_always {
-        let watch = CpuWatch::start(&[
-            ("bench", me),
-            ("nats-server", nats_pid),
-            ("posts-command", command.pid()),
-        ]);
-        let mut latency = rt.block_on(load::counted(
-            LATENCY_IN_FLIGHT,
-            sizes.latency_warmup,
-            sizes.latency_samples,
-            create_op(client, &command_url, pool),
-        ));
-        report.phase(watch.finish("command_create_latency"));
-        let note = Some(format!(
-            "{} samples at {LATENCY_IN_FLIGHT} in flight ({:.0} creates/s){}",
-            latency.latencies.len(),
-            latency.rate(),
-            latency
-                .error_note()
-                .map(|e| format!("; {e}"))
-                .unwrap_or_default()
-        ));
+        // Raw and HTTP latency alternate in slices too: on `sync_interval:
+        // always` both wait on the disk's fsyncs, so the raw figure says how
+        // much of a create's latency the disk alone costs at this depth.
+        let rounds = sizes.throughput_rounds.max(1) as u64;
+        let (warmup, samples) = (
+            sizes.latency_warmup.div_ceil(rounds),
+            sizes.latency_samples.div_ceil(rounds),
+        );
+        let mut raw_latency = load::Outcome::default();
+        let mut http_latency = load::Outcome::default();
+        let mut http_cost = PhaseCost::named("command_create_latency");
+        for _ in 0..rounds {
+            raw_latency.absorb(rt.block_on(load::counted(
+                LATENCY_IN_FLIGHT,
+                warmup,
+                samples,
+                raw_op(js.clone(), pool),
+            )));
+            let watch = CpuWatch::start(&[
+                ("bench", me),
+                ("nats-server", nats_pid),
+                ("posts-command", command.pid()),
+            ]);
+            http_latency.absorb(rt.block_on(load::counted(
+                LATENCY_IN_FLIGHT,
+                warmup,
+                samples,
+                create_op(client.clone(), &command_url, pool),
+            )));
+            http_cost.absorb(&watch.finish("command_create_latency"));
+        }
+        report.phase(http_cost);
+        let raw_p50 = raw_latency.percentile_ms(0.50);
+        let raw_p99 = raw_latency.percentile_ms(0.99);
+        let raw_note = latency_note(&raw_latency, rounds, "HTTP");
+        let note = format!(
+            "{}; raw JetStream publishes in the same run at the same depth: p50 {} / p99 {} ms",
+            latency_note(&http_latency, rounds, "raw"),
+            raw_p50.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+            raw_p99.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+        );
         report.add(
-            "command_create_latency_p50",
-            latency.percentile_ms(0.50),
+            "raw_publish_latency_p50",
+            raw_p50,
             "ms",
             None,
             None,
-            note.clone(),
+            Some(raw_note.clone()),
+        );
+        report.add(
+            "raw_publish_latency_p99",
+            raw_p99,
+            "ms",
+            None,
+            None,
+            Some(raw_note),
+        );
+        report.add(
+            "command_create_latency_p50",
+            http_latency.percentile_ms(0.50),
+            "ms",
+            None,
+            None,
+            Some(note.clone()),
         );
         report.add(
             "command_create_latency_p99",
-            latency.percentile_ms(0.99),
+            http_latency.percentile_ms(0.99),
             "ms",
             None,
             Some(Target::ValueAtMost(10.0)),
-            note,
+            Some(note),
         );
     }
     drop(command);
     drop(nats);
     Ok(())
+}
+
+/// The note of one side of the alternating latency run.
+fn latency_note(outcome: &load::Outcome, rounds: u64, other: &str) -> String {
+    format!(
+        "{} samples at {LATENCY_IN_FLIGHT} in flight ({:.0}/s), {rounds} slices alternating with the {other} side{}",
+        outcome.latencies.len(),
+        outcome.rate(),
+        outcome
+            .error_note()
+            .map(|e| format!("; {e}"))
+            .unwrap_or_default()
+    )
 }
 
 /// One side of the alternating throughput run, summed over its slices.
@@ -221,11 +270,7 @@ impl Totals {
             window_s: 0.0,
             slice_rates: Vec::new(),
             errors: Vec::new(),
-            cost: PhaseCost {
-                phase: name.to_string(),
-                wall_s: 0.0,
-                cpu_s: Vec::new(),
-            },
+            cost: PhaseCost::named(name),
         }
     }
 
