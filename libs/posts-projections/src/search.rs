@@ -37,6 +37,23 @@ pub const QUERY_TERMS_MAX: usize = 16;
 /// at once, so live visibility does not wait for it. Fewer commits mean
 /// fewer small segments to merge.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
+/// While at least this many events are still to come, the projection is
+/// far behind (a catch-up, a replay): changed posts are held back from the
+/// writer (see [`SearchProjection::held`]) and commits come every
+/// [`CATCH_UP_COMMIT_INTERVAL`].
+const FAR_BEHIND_EVENTS: u64 = 10_000;
+/// Commits while far behind: rarer, so that more edits of one post fold
+/// into one document before it is indexed. Readers see a catch-up's
+/// progress in steps of this; once within [`FAR_BEHIND_EVENTS`] of the
+/// head, commits come every [`COMMIT_INTERVAL`] again, and at once when
+/// caught up.
+const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
+/// What the held posts may take (their text plus a fixed overhead each)
+/// before they are all written to the index: a quarter of posts-query's
+/// 512 MB memory target.
+const HELD_BYTES_MAX: usize = 128 * 1024 * 1024;
+/// Per held post, besides its text: the map entry, the `Doc` and `Where`.
+const HELD_ENTRY_BYTES: usize = 256;
 /// Least time between two commits when following live: events trickling in
 /// one by one share a commit instead of each writing and fsyncing a segment
 /// (~3 ms of CPU per event in `just bench` profiles). Bounds how much later
@@ -249,6 +266,9 @@ fn open_with(
             last_commit: Instant::now(),
             seen: (u64::MAX, Arc::from(Vec::new())),
             headers: foldhash::HashMap::default(),
+            held: foldhash::HashMap::default(),
+            held_bytes: 0,
+            backlog: 0,
             rebuild,
         },
         search_reader,
@@ -299,8 +319,41 @@ pub struct SearchProjection {
     /// ids, not fingerprints: a wrong hit would be a wrong document.
     /// Bounded by `HEADERS_MAX`; forgotten on rollback.
     headers: foldhash::HashMap<Box<str>, Header>,
+    /// Posts changed while far behind, as of their last applied event, not
+    /// yet given to the writer: a later event of the same post changes the
+    /// held document instead of indexing another version and deleting the
+    /// one before (a catch-up of `just bench`'s stream, every post created
+    /// and later edited, then indexes each post once, and its index holds
+    /// no replaced versions). Written to the index before every commit (the
+    /// checkpoint covers them), and when they reach [`HELD_BYTES_MAX`];
+    /// dropped on rollback. Kafka Streams' record cache does the same for
+    /// its state stores. A post here is looked up nowhere else.
+    held: foldhash::HashMap<String, Held>,
+    held_bytes: usize,
+    /// Events still to come after the current batch, as the runner last said.
+    backlog: u64,
     /// Built for a rebuild: no merges until [`Projection::compact`].
     rebuild: bool,
+}
+
+/// A post held back from the writer: its document now, and where the
+/// version it replaces is (found when it was first held; valid until the
+/// next commit, which writes it first).
+struct Held {
+    doc: Doc,
+    replaces: Where,
+    fp: u64,
+}
+
+impl Held {
+    fn bytes(&self) -> usize {
+        let d = &self.doc;
+        HELD_ENTRY_BYTES
+            + 2 * d.post_id.len()
+            + d.title.len()
+            + d.content.len()
+            + d.author_name.len()
+    }
 }
 
 /// A post's document without its content.
@@ -460,7 +513,15 @@ impl SearchProjection {
         let fp = self.fingerprint.hash_one(&id);
         // Only an update that keeps the content needs the current one.
         let content = matches!(event, Event::Updated { content: None, .. });
-        let (current, replaces) = self.current(&id, fp, content)?;
+        let held = self.held.remove(&id);
+        let from_held = held.is_some();
+        let (current, replaces) = match held {
+            Some(h) => {
+                self.held_bytes -= h.bytes();
+                (Some(h.doc), h.replaces)
+            }
+            None => self.current(&id, fp, content)?,
+        };
         let doc = match (current, event) {
             (
                 None,
@@ -507,17 +568,77 @@ impl SearchProjection {
                 d
             }
             (state, event) => {
-                let state = match state {
-                    None => "absent",
-                    Some(d) if d.deleted => "deleted",
-                    Some(_) => "live",
-                };
-                return Ok(Err(format!(
-                    "{} cannot follow a post that is {state}",
-                    event.name()
-                )));
+                let reason = format!(
+                    "{} cannot follow a post that is {}",
+                    event.name(),
+                    match &state {
+                        None => "absent",
+                        Some(d) if d.deleted => "deleted",
+                        Some(_) => "live",
+                    }
+                );
+                if from_held && let Some(doc) = state {
+                    // Refused: the held post stays as it was.
+                    self.hold(id, fp, doc, replaces)?;
+                }
+                return Ok(Err(reason));
             }
         };
+        if self.backlog >= FAR_BEHIND_EVENTS {
+            self.hold(id, fp, doc, replaces)?;
+        } else {
+            self.write(id, fp, doc, replaces)?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Holds the post's document back from the writer (see [`Self::held`]);
+    /// writes every held post once they take too much memory.
+    fn hold(
+        &mut self,
+        id: String,
+        fp: u64,
+        doc: Doc,
+        replaces: Where,
+    ) -> Result<(), ProjectionError> {
+        let held = Held { doc, replaces, fp };
+        self.held_bytes += held.bytes();
+        self.held.insert(id, held);
+        if self.held_bytes > HELD_BYTES_MAX {
+            self.write_held()?;
+        }
+        Ok(())
+    }
+
+    /// Gives every held post to the writer.
+    fn write_held(&mut self) -> Result<(), ProjectionError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let held = std::mem::take(&mut self.held);
+        let posts = held.len();
+        self.held_bytes = 0;
+        for (id, h) in held {
+            self.write(id, h.fp, h.doc, h.replaces)?;
+        }
+        tracing::debug!(
+            posts,
+            secs = started.elapsed().as_secs_f64(),
+            "wrote held posts to the search index"
+        );
+        Ok(())
+    }
+
+    /// Gives the post's document to the writer, deleting the version it
+    /// replaces.
+    fn write(
+        &mut self,
+        id: String,
+        fp: u64,
+        doc: Doc,
+        replaces: Where,
+    ) -> Result<(), ProjectionError> {
         let f = self.reader.fields;
         if !matches!(replaces, Where::Nowhere) {
             let delete = DeleteById {
@@ -555,10 +676,12 @@ impl SearchProjection {
             self.pending.clear();
         }
         self.pending.insert(id, doc);
-        Ok(Ok(()))
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), ProjectionError> {
+        // The checkpoint covers the held posts' events: they go in first.
+        self.write_held()?;
         if self.applied == self.checkpoint {
             return Ok(());
         }
@@ -767,10 +890,19 @@ impl Projection for SearchProjection {
             }
             self.applied = incoming.seq;
         }
-        if self.last_commit.elapsed() >= COMMIT_INTERVAL {
+        let interval = if self.backlog >= FAR_BEHIND_EVENTS {
+            CATCH_UP_COMMIT_INTERVAL
+        } else {
+            COMMIT_INTERVAL
+        };
+        if self.last_commit.elapsed() >= interval {
             self.commit()?;
         }
         Ok(parked)
+    }
+
+    fn set_backlog(&mut self, events: u64) {
+        self.backlog = events;
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
@@ -823,6 +955,8 @@ impl Projection for SearchProjection {
         // changes are in `headers`.
         self.known = None;
         self.headers.clear();
+        self.held.clear();
+        self.held_bytes = 0;
         let payload: CommitPayload = self
             .reader
             .index
@@ -1700,6 +1834,153 @@ mod tests {
         drop(p);
         let reopened = Index::open_in_dir(dir.path()).unwrap();
         assert!(uncompressed(&reopened));
+    }
+
+    /// Far behind, a post's events fold into one held document, indexed at
+    /// the commit that covers them: the index then holds each post once,
+    /// with no replaced versions; refused events leave a held post as it
+    /// was; a post committed before is replaced, not duplicated. Near the
+    /// head, changes go to the writer at once again.
+    #[test]
+    fn far_behind_a_posts_events_fold_into_one_indexed_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let created = |title: &str, content: &str| posts::Event::Created {
+            title: title.into(),
+            content: content.into(),
+            author_name: "ann".into(),
+        };
+        let edited = |content: &str| posts::Event::Updated {
+            title: None,
+            content: Some(content.into()),
+            author_name: None,
+        };
+        let retitled = |title: &str| posts::Event::Updated {
+            title: Some(title.into()),
+            content: None,
+            author_name: None,
+        };
+        // Committed before falling behind.
+        let first = [
+            incoming(1, "keep", &created("kept", "keepword")),
+            incoming(2, "old", &created("old title", "oldword start")),
+        ];
+        p.apply_batch(&first.iter().collect::<Vec<_>>()).unwrap();
+        p.flush().unwrap();
+
+        p.set_backlog(FAR_BEHIND_EVENTS);
+        let events = [
+            incoming(3, "a", &created("alpha title", "draftword one")),
+            incoming(4, "a", &edited("secondword two")),
+            incoming(5, "a", &retitled("final title")),
+            incoming(6, "a", &created("again", "dupword")), // refused: live
+            incoming(7, "b", &created("beta", "betaword")),
+            incoming(8, "b", &posts::Event::Deleted),
+            incoming(9, "b", &edited("ghostword")), // refused: deleted
+            incoming(10, "old", &edited("newword")),
+            incoming(11, "old", &edited("newerword")),
+            incoming(12, "c", &edited("nobody")), // refused: absent
+        ];
+        let parked = p.apply_batch(&events.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(parked.iter().map(|x| x.seq).collect::<Vec<_>>(), [6, 9, 12]);
+        let mut held: Vec<(&str, u64)> = p
+            .held
+            .iter()
+            .map(|(id, h)| (id.as_str(), h.doc.version))
+            .collect();
+        held.sort_unstable();
+        assert_eq!(held, [("a", 3), ("b", 2), ("old", 3)]);
+        // Nothing went to the writer yet; the flush gives it these three
+        // documents, once each: the versions before them are never indexed.
+        assert!(p.touched.is_empty() && p.pending.is_empty());
+        assert_eq!(reader.checkpoint().unwrap(), 2, "nothing committed yet");
+        assert_eq!(reader.search("secondword", None, 5, 0).unwrap().total, 0);
+
+        p.flush().unwrap();
+        assert!(p.held.is_empty());
+
+        assert_eq!(reader.checkpoint().unwrap(), 12);
+        assert_eq!(p.parked_total(), 3);
+        assert_eq!(reader.reader.searcher().num_docs(), 4);
+        let a = reader.get("a").unwrap().unwrap();
+        assert_eq!(
+            (a.title.as_str(), a.content.as_str(), a.version),
+            ("final title", "secondword two", 3)
+        );
+        let b = reader.get("b").unwrap().unwrap();
+        assert!(b.deleted && b.version == 2);
+        let old = reader.get("old").unwrap().unwrap();
+        assert_eq!((old.content.as_str(), old.version), ("newerword", 3));
+        for (word, total) in [
+            ("secondword", 1),
+            ("final", 1),
+            ("draftword", 0),
+            ("dupword", 0),
+            ("betaword", 0),
+            ("ghostword", 0),
+            ("oldword", 0),
+            ("newword", 0),
+            ("newerword", 1),
+        ] {
+            assert_eq!(
+                reader.search(word, None, 5, 0).unwrap().total,
+                total,
+                "{word}"
+            );
+        }
+
+        // Near the head: straight to the writer, nothing held.
+        p.set_backlog(FAR_BEHIND_EVENTS - 1);
+        let near = [incoming(13, "a", &edited("liveword"))];
+        p.apply_batch(&near.iter().collect::<Vec<_>>()).unwrap();
+        assert!(p.held.is_empty());
+        p.flush().unwrap();
+        assert_eq!(reader.get("a").unwrap().unwrap().version, 4);
+        assert_eq!(reader.search("liveword", None, 5, 0).unwrap().total, 1);
+        assert_eq!(reader.search("secondword", None, 5, 0).unwrap().total, 0);
+        assert_eq!(reader.reader.searcher().num_docs(), 4);
+    }
+
+    /// Held posts are not durable: a rollback drops them with the rest, and
+    /// the same events applied again from the checkpoint give the same index.
+    #[test]
+    fn held_posts_are_dropped_on_recover_and_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        p.set_backlog(FAR_BEHIND_EVENTS);
+        let events = [
+            incoming(
+                1,
+                "a",
+                &posts::Event::Created {
+                    title: "t".into(),
+                    content: "heldword".into(),
+                    author_name: "ann".into(),
+                },
+            ),
+            incoming(
+                2,
+                "a",
+                &posts::Event::Updated {
+                    title: None,
+                    content: Some("laterword".into()),
+                    author_name: None,
+                },
+            ),
+        ];
+        let batch: Vec<&Incoming> = events.iter().collect();
+        assert!(p.apply_batch(&batch[..1]).unwrap().is_empty());
+        assert_eq!(p.held.len(), 1);
+        p.recover().unwrap();
+        assert!(p.held.is_empty() && p.held_bytes == 0);
+        assert_eq!(p.checkpoint(), 0);
+        // From checkpoint + 1 again: the create is not refused as a repeat.
+        assert!(p.apply_batch(&batch).unwrap().is_empty());
+        p.flush().unwrap();
+        assert_eq!(reader.checkpoint().unwrap(), 2);
+        let a = reader.get("a").unwrap().unwrap();
+        assert_eq!((a.content.as_str(), a.version), ("laterword", 2));
+        assert_eq!(reader.reader.searcher().num_docs(), 1);
     }
 
     /// A rebuild's index does not merge while it is built; `compact` then

@@ -74,6 +74,10 @@ pub trait Projection: Send + 'static {
     /// # Errors
     /// [`ProjectionError`] for a transient fault; nothing was made durable.
     fn apply_batch(&mut self, batch: &[&Incoming]) -> Result<Vec<Parked>, ProjectionError>;
+    /// How many events the server said were still to come after the batch
+    /// about to be applied (a lower bound for a runner behind the shared
+    /// feed): a store may work differently while far behind. Default: ignored.
+    fn set_backlog(&mut self, _events: u64) {}
     /// Makes everything applied durable and visible (no-op where each batch
     /// already is). Called when the runner has caught up, and at shutdown.
     ///

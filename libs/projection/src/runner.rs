@@ -438,6 +438,7 @@ async fn supervise(
                     .flat_map(|c| c.items.iter())
                     .filter(|i| i.seq >= from_seq)
                     .collect();
+                projection.set_backlog(pending_after);
                 let r = projection.apply_batch(&items);
                 // The last runner done with a batch frees it, here rather
                 // than on the runtime's threads.
