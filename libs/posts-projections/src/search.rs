@@ -336,9 +336,10 @@ pub struct SearchProjection {
     rebuild: bool,
 }
 
-/// A post held back from the writer: its document now, and where the
-/// version it replaces is (found when it was first held; valid until the
-/// next commit, which writes it first).
+/// A post's document now, and where the version it replaces is, for the
+/// writer: at once, or held back (see [`SearchProjection::held`]) until the
+/// next commit, which writes it first (the `Where` was found when the post
+/// was first held, and holds until then).
 struct Held {
     doc: Doc,
     replaces: Where,
@@ -579,29 +580,23 @@ impl SearchProjection {
                 );
                 if from_held && let Some(doc) = state {
                     // Refused: the held post stays as it was.
-                    self.hold(id, fp, doc, replaces)?;
+                    self.hold(id, Held { doc, replaces, fp })?;
                 }
                 return Ok(Err(reason));
             }
         };
+        let change = Held { doc, replaces, fp };
         if self.backlog >= FAR_BEHIND_EVENTS {
-            self.hold(id, fp, doc, replaces)?;
+            self.hold(id, change)?;
         } else {
-            self.write(id, fp, doc, replaces)?;
+            self.write(id, change)?;
         }
         Ok(Ok(()))
     }
 
     /// Holds the post's document back from the writer (see [`Self::held`]);
     /// writes every held post once they take too much memory.
-    fn hold(
-        &mut self,
-        id: String,
-        fp: u64,
-        doc: Doc,
-        replaces: Where,
-    ) -> Result<(), ProjectionError> {
-        let held = Held { doc, replaces, fp };
+    fn hold(&mut self, id: String, held: Held) -> Result<(), ProjectionError> {
         self.held_bytes += held.bytes();
         self.held.insert(id, held);
         if self.held_bytes > HELD_BYTES_MAX {
@@ -620,7 +615,7 @@ impl SearchProjection {
         let posts = held.len();
         self.held_bytes = 0;
         for (id, h) in held {
-            self.write(id, h.fp, h.doc, h.replaces)?;
+            self.write(id, h)?;
         }
         tracing::debug!(
             posts,
@@ -632,13 +627,8 @@ impl SearchProjection {
 
     /// Gives the post's document to the writer, deleting the version it
     /// replaces.
-    fn write(
-        &mut self,
-        id: String,
-        fp: u64,
-        doc: Doc,
-        replaces: Where,
-    ) -> Result<(), ProjectionError> {
+    fn write(&mut self, id: String, change: Held) -> Result<(), ProjectionError> {
+        let Held { doc, replaces, fp } = change;
         let f = self.reader.fields;
         if !matches!(replaces, Where::Nowhere) {
             let delete = DeleteById {
