@@ -268,6 +268,7 @@ fn open_with(
             headers: foldhash::HashMap::default(),
             held: foldhash::HashMap::default(),
             held_bytes: 0,
+            held_bytes_max: HELD_BYTES_MAX,
             backlog: 0,
             rebuild,
         },
@@ -330,6 +331,8 @@ pub struct SearchProjection {
     /// its state stores. A post here is looked up nowhere else.
     held: foldhash::HashMap<String, Held>,
     held_bytes: usize,
+    /// [`HELD_BYTES_MAX`]; smaller in tests.
+    held_bytes_max: usize,
     /// Events still to come after the current batch, as the runner last said.
     backlog: u64,
     /// Built for a rebuild: no merges until [`Projection::compact`].
@@ -599,7 +602,7 @@ impl SearchProjection {
     fn hold(&mut self, id: String, held: Held) -> Result<(), ProjectionError> {
         self.held_bytes += held.bytes();
         self.held.insert(id, held);
-        if self.held_bytes > HELD_BYTES_MAX {
+        if self.held_bytes > self.held_bytes_max {
             self.write_held()?;
         }
         Ok(())
@@ -1929,6 +1932,50 @@ mod tests {
         assert_eq!(reader.search("liveword", None, 5, 0).unwrap().total, 1);
         assert_eq!(reader.search("secondword", None, 5, 0).unwrap().total, 0);
         assert_eq!(reader.reader.searcher().num_docs(), 4);
+    }
+
+    /// Held posts that reach the memory cap go to the writer mid-batch; a
+    /// later event of one of them is then an upsert of an uncommitted
+    /// version, as near the head, and leaves one live document.
+    #[test]
+    fn held_posts_over_the_cap_go_to_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        p.set_backlog(FAR_BEHIND_EVENTS);
+        // Room for one post: the second one's hold writes both.
+        p.held_bytes_max = HELD_ENTRY_BYTES + 200;
+        let created = |content: &str| posts::Event::Created {
+            title: "t".into(),
+            content: content.into(),
+            author_name: "ann".into(),
+        };
+        let events = [
+            incoming(1, "a", &created("aword")),
+            incoming(2, "b", &created("bword")),
+            incoming(
+                3,
+                "a",
+                &posts::Event::Updated {
+                    title: None,
+                    content: Some("editword".into()),
+                    author_name: None,
+                },
+            ),
+        ];
+        let batch: Vec<&Incoming> = events.iter().collect();
+        assert!(p.apply_batch(&batch[..2]).unwrap().is_empty());
+        assert!(p.held.is_empty(), "both written at the cap");
+        assert_eq!(p.pending.len(), 2);
+        assert!(p.apply_batch(&batch[2..]).unwrap().is_empty());
+        assert_eq!(p.held.len(), 1, "the edit is held again");
+        p.flush().unwrap();
+        assert_eq!(reader.checkpoint().unwrap(), 3);
+        assert_eq!(reader.reader.searcher().num_docs(), 2);
+        let a = reader.get("a").unwrap().unwrap();
+        assert_eq!((a.content.as_str(), a.version), ("editword", 2));
+        assert_eq!(reader.search("aword", None, 5, 0).unwrap().total, 0);
+        assert_eq!(reader.search("editword", None, 5, 0).unwrap().total, 1);
+        assert_eq!(reader.search("bword", None, 5, 0).unwrap().total, 1);
     }
 
     /// Held posts are not durable: a rollback drops them with the rest, and
