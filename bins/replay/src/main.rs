@@ -324,7 +324,8 @@ async fn show_progress(
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tick.tick().await;
-        let applied = status.visible();
+        // Applied, not visible: post-search commits a replay every 10 s.
+        let applied = status.applied();
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         let rate = applied as f64 / secs;
         match &bar {

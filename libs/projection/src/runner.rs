@@ -336,6 +336,7 @@ async fn supervise(
     'restart: loop {
         let from = projection.checkpoint() + 1;
         status.set_visible(projection.visible());
+        status.set_applied(projection.checkpoint());
         let head = store.last_seq().await.unwrap_or(u64::MAX);
         if projection.visible() >= head {
             status.mark_caught_up();
@@ -481,6 +482,7 @@ async fn supervise(
                     }
                     dirty = true;
                     applied_upto = last;
+                    status.set_applied(last);
                     status.set_visible(projection.visible());
                     if pending_after == 0 && rx.is_empty() && projection.flush_due() {
                         let (p, res) =

@@ -17,6 +17,9 @@ pub enum ProjectionState {
 pub struct Status {
     name: String,
     visible: watch::Sender<u64>,
+    /// Applied to the store, committed or not: ahead of `visible` while a
+    /// store holds changes back (post-search far behind). For progress.
+    applied: AtomicU64,
     state: AtomicU8,
     parked_total: AtomicU64,
     caught_up_once: std::sync::atomic::AtomicBool,
@@ -50,6 +53,7 @@ impl Status {
         Arc::new(Self {
             name: name.to_string(),
             visible: watch::channel(visible).0,
+            applied: AtomicU64::new(visible),
             state: AtomicU8::new(0),
             parked_total: AtomicU64::new(parked_total),
             caught_up_once: std::sync::atomic::AtomicBool::new(false),
@@ -65,6 +69,18 @@ impl Status {
     #[must_use]
     pub fn visible(&self) -> u64 {
         *self.visible.borrow()
+    }
+
+    /// The last sequence applied to the store, visible or not yet: what a
+    /// rebuild's progress counts.
+    #[must_use]
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed).max(self.visible())
+    }
+
+    /// Records the last sequence applied; after a rollback, the checkpoint.
+    pub fn set_applied(&self, seq: u64) {
+        self.applied.store(seq, Ordering::Relaxed);
     }
 
     /// Publishes a new visible sequence; it never goes backwards, except
@@ -144,5 +160,27 @@ impl Status {
             caught_up_once: self.caught_up_once(),
             last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a replay's progress counts runs ahead of what readers see while
+    /// a store holds changes back, and is never behind it.
+    #[test]
+    fn applied_runs_ahead_of_visible_and_never_behind() {
+        let status = Status::new("p", 5, 0);
+        assert_eq!((status.applied(), status.visible()), (5, 5));
+        status.set_applied(9);
+        assert_eq!((status.applied(), status.visible()), (9, 5));
+        status.set_visible(12);
+        assert_eq!(status.applied(), 12);
+        // A rollback to the checkpoint.
+        status.set_applied(12);
+        status.set_applied(20);
+        status.set_applied(12);
+        assert_eq!(status.applied(), 12);
     }
 }
