@@ -210,17 +210,36 @@ async fn replay_one(
 ) -> anyhow::Result<Outcome> {
     let status = Status::new(name, 0, 0);
     let http = reqwest::Client::new();
+    let compacting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress = tokio::spawn(show_progress(
         name.to_string(),
         status.clone(),
         target,
+        compacting.clone(),
         match mode {
             Mode::Online(addr) => Some((http.clone(), addr.clone())),
             Mode::Offline(_) => None,
         },
     ));
     let started = Instant::now();
-    let built = rebuild::build_shadow(name, &args.data_dir, store, target, status.clone()).await;
+    let built = async {
+        let (path, p, reader) =
+            rebuild::build_shadow(name, &args.data_dir, store, target, status.clone()).await?;
+        // Every event is in; the bar would sit at 100% through the merge.
+        compacting.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !std::io::stderr().is_terminal() {
+            eprintln!("{name}: {target}/{target} events applied; compacting the store");
+        }
+        let compact_started = Instant::now();
+        let p = rebuild::compact(p).await?;
+        tracing::info!(
+            projection = name,
+            secs = compact_started.elapsed().as_secs_f64(),
+            "shadow compacted"
+        );
+        anyhow::Ok((path, p, reader))
+    }
+    .await;
     let seconds = started.elapsed().as_secs_f64();
     progress.abort();
     let (shadow_path, shadow, shadow_reader) = built?;
@@ -302,6 +321,7 @@ async fn show_progress(
     name: String,
     status: Arc<Status>,
     target: u64,
+    compacting: Arc<std::sync::atomic::AtomicBool>,
     service: Option<(reqwest::Client, String)>,
 ) {
     let started = Instant::now();
@@ -309,9 +329,16 @@ async fn show_progress(
         let bar = indicatif::ProgressBar::new(target);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{msg:>12} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}",
+                "{msg:>12} [{bar:40}] {pos}/{len} events {rate} ETA {eta}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            // indicatif's own `{per_sec}` shows four decimals.
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            )
             .progress_chars("=> "),
         );
         bar.set_message(name.clone());
@@ -322,8 +349,23 @@ async fn show_progress(
     }
     let mut last_line = Instant::now();
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut spinning = false;
     loop {
         tick.tick().await;
+        if let Some(b) = &bar
+            && !spinning
+            && compacting.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            spinning = true;
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg} {spinner} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.set_message(format!(
+                "{name}: {target}/{target} events applied; compacting the store"
+            ));
+            b.enable_steady_tick(Duration::from_millis(120));
+        }
         // Applied, not visible: post-search commits a replay every 10 s.
         let applied = status.applied();
         let secs = started.elapsed().as_secs_f64().max(1e-3);

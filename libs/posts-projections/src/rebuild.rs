@@ -129,7 +129,7 @@ pub async fn align(
 }
 
 /// Rebuilds `name` from sequence 1 into a fresh shadow under `data_dir` up to
-/// `target_seq`; `status` shows progress.
+/// `target_seq`; `status` shows progress. Then [`compact`] it.
 ///
 /// # Errors
 /// When the shadow cannot be created or the runner dies.
@@ -148,7 +148,7 @@ pub async fn build_shadow(
         "shadow {} is not empty",
         path.display()
     );
-    let mut p = drain_to(
+    let p = drain_to(
         p,
         store.clone(),
         status,
@@ -157,10 +157,21 @@ pub async fn build_shadow(
     )
     .await
     .map_err(anyhow::Error::msg)?;
-    let p = tokio::task::spawn_blocking(move || p.compact().map(|()| p))
-        .await?
-        .map_err(anyhow::Error::msg)?;
     Ok((path, p, reader))
+}
+
+/// Makes a built shadow durable and ready for reads ([`Projection::compact`]:
+/// post-search merges into one segment, which takes a while on a big index).
+///
+/// # Errors
+/// When the store fails to flush or merge.
+pub async fn compact(p: Box<dyn Projection>) -> anyhow::Result<Box<dyn Projection>> {
+    tokio::task::spawn_blocking(move || {
+        let mut p = p;
+        p.compact().map(|()| p)
+    })
+    .await?
+    .map_err(anyhow::Error::msg)
 }
 
 /// Puts the shadow store at `shadow_path` in place of the live one,

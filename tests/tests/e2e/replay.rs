@@ -129,6 +129,10 @@ async fn offline_replay_rebuilds_both_projections_to_the_same_digest() -> TestRe
     for name in PROJECTION_NAMES {
         for line in [
             format!("{name}: rebuilding from sequence 1 up to {}", w.last_seq),
+            format!(
+                "{name}: {0}/{0} events applied; compacting the store",
+                w.last_seq
+            ),
             format!("replay {name}: {} events in ", w.last_seq),
             format!("events/s), swapped in at checkpoint {}", w.last_seq),
         ] {
