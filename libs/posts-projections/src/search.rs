@@ -37,11 +37,17 @@ pub const QUERY_TERMS_MAX: usize = 16;
 /// at once, so live visibility does not wait for it. Fewer commits mean
 /// fewer small segments to merge.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
-/// While at least this many events are still to come, the projection is
+/// Once at least this many events are still to come, the projection is
 /// far behind (a catch-up, a replay): changed posts are held back from the
 /// writer (see [`SearchProjection::held`]) and commits come every
-/// [`CATCH_UP_COMMIT_INTERVAL`].
+/// [`CATCH_UP_COMMIT_INTERVAL`], until fewer than [`NEAR_HEAD_EVENTS`] are.
 const FAR_BEHIND_EVENTS: u64 = 10_000;
+/// Where being far behind ends. Ending it at [`FAR_BEHIND_EVENTS`] wrote
+/// the held posts with 10k events to go: in `just bench`'s stream those
+/// were edits of ~10k posts just written, each indexed a second time and
+/// its first version deleted (a tenth of the catch-up's indexing, and two
+/// more segments for every search to visit).
+const NEAR_HEAD_EVENTS: u64 = 1_000;
 /// Commits while far behind: rarer, so that more edits of one post fold
 /// into one document before it is indexed. Readers see a catch-up's
 /// progress in steps of this; once within [`FAR_BEHIND_EVENTS`] of the
@@ -269,7 +275,7 @@ fn open_with(
             held: foldhash::HashMap::default(),
             held_bytes: 0,
             held_bytes_max: HELD_BYTES_MAX,
-            backlog: 0,
+            far_behind: false,
             rebuild,
         },
         search_reader,
@@ -333,8 +339,9 @@ pub struct SearchProjection {
     held_bytes: usize,
     /// [`HELD_BYTES_MAX`]; smaller in tests.
     held_bytes_max: usize,
-    /// Events still to come after the current batch, as the runner last said.
-    backlog: u64,
+    /// Far behind: entered at [`FAR_BEHIND_EVENTS`] still to come after a
+    /// batch (as the runner says), left below [`NEAR_HEAD_EVENTS`].
+    far_behind: bool,
     /// Built for a rebuild: no merges until [`Projection::compact`].
     rebuild: bool,
 }
@@ -589,7 +596,7 @@ impl SearchProjection {
             }
         };
         let change = Held { doc, replaces, fp };
-        if self.backlog >= FAR_BEHIND_EVENTS {
+        if self.far_behind {
             self.hold(id, change)?;
         } else {
             self.write(id, change)?;
@@ -883,7 +890,7 @@ impl Projection for SearchProjection {
             }
             self.applied = incoming.seq;
         }
-        let interval = if self.backlog >= FAR_BEHIND_EVENTS {
+        let interval = if self.far_behind {
             CATCH_UP_COMMIT_INTERVAL
         } else {
             COMMIT_INTERVAL
@@ -895,7 +902,11 @@ impl Projection for SearchProjection {
     }
 
     fn set_backlog(&mut self, events: u64) {
-        self.backlog = events;
+        if events >= FAR_BEHIND_EVENTS {
+            self.far_behind = true;
+        } else if events < NEAR_HEAD_EVENTS {
+            self.far_behind = false;
+        }
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
@@ -1923,7 +1934,7 @@ mod tests {
         }
 
         // Near the head: straight to the writer, nothing held.
-        p.set_backlog(FAR_BEHIND_EVENTS - 1);
+        p.set_backlog(NEAR_HEAD_EVENTS - 1);
         let near = [incoming(13, "a", &edited("liveword"))];
         p.apply_batch(&near.iter().collect::<Vec<_>>()).unwrap();
         assert!(p.held.is_empty());
@@ -1932,6 +1943,39 @@ mod tests {
         assert_eq!(reader.search("liveword", None, 5, 0).unwrap().total, 1);
         assert_eq!(reader.search("secondword", None, 5, 0).unwrap().total, 0);
         assert_eq!(reader.reader.searcher().num_docs(), 4);
+    }
+
+    /// Far behind starts at [`FAR_BEHIND_EVENTS`] to come and lasts until
+    /// fewer than [`NEAR_HEAD_EVENTS`] are: a catch-up's last events still
+    /// fold into the held documents, while a projection that only ever was
+    /// a little behind writes at once.
+    #[test]
+    fn far_behind_lasts_until_near_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, _reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let created = posts::Event::Created {
+            title: "t".into(),
+            content: "some words".into(),
+            author_name: "ann".into(),
+        };
+        let mut seq = 0;
+        // Whether the post the batch created is held.
+        let mut held = |p: &mut SearchProjection, backlog: u64| {
+            seq += 1;
+            let id = format!("p{seq}");
+            p.set_backlog(backlog);
+            let batch = [incoming(seq, &id, &created)];
+            p.apply_batch(&batch.iter().collect::<Vec<_>>()).unwrap();
+            p.held.contains_key(&id)
+        };
+        assert!(!held(&mut p, FAR_BEHIND_EVENTS - 1), "never far behind");
+        assert!(held(&mut p, FAR_BEHIND_EVENTS));
+        assert!(held(&mut p, FAR_BEHIND_EVENTS - 1), "still far behind");
+        assert!(held(&mut p, NEAR_HEAD_EVENTS));
+        assert!(!held(&mut p, NEAR_HEAD_EVENTS - 1), "near the head");
+        p.flush().unwrap();
+        assert!(p.held.is_empty());
+        assert!(!held(&mut p, NEAR_HEAD_EVENTS), "not far behind again");
     }
 
     /// Held posts that reach the memory cap go to the writer mid-batch; a
