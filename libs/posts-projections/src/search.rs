@@ -46,8 +46,10 @@ const FAR_BEHIND_EVENTS: u64 = 10_000;
 /// the held posts with 10k events to go: in `just bench`'s stream those
 /// were edits of ~10k posts just written, each indexed a second time and
 /// its first version deleted (a tenth of the catch-up's indexing, and two
-/// more segments for every search to visit).
-const NEAR_HEAD_EVENTS: u64 = 1_000;
+/// more segments for every search to visit). The feed hands over batches
+/// of 500 while the server has more, so a catch-up ends it with its last
+/// batch, and one commit holds every post once.
+const NEAR_HEAD_EVENTS: u64 = 500;
 /// Commits while far behind: rarer, so that more edits of one post fold
 /// into one document before it is indexed. Readers see a catch-up's
 /// progress in steps of this; once within [`FAR_BEHIND_EVENTS`] of the
@@ -914,7 +916,9 @@ impl Projection for SearchProjection {
     }
 
     fn flush_due(&self) -> bool {
-        self.last_commit.elapsed() >= FLUSH_GAP_MIN
+        // With nothing to commit (a batch's own commit covered it all) the
+        // flush is free, and lets the runner see at once that it caught up.
+        self.applied == self.checkpoint || self.last_commit.elapsed() >= FLUSH_GAP_MIN
     }
 
     /// Commits, then merges every segment into one, without the versions
