@@ -165,13 +165,10 @@ pub async fn build_shadow(
 ///
 /// # Errors
 /// When the store fails to flush or merge.
-pub async fn compact(p: Box<dyn Projection>) -> anyhow::Result<Box<dyn Projection>> {
-    tokio::task::spawn_blocking(move || {
-        let mut p = p;
-        p.compact().map(|()| p)
-    })
-    .await?
-    .map_err(anyhow::Error::msg)
+pub async fn compact(mut p: Box<dyn Projection>) -> anyhow::Result<Box<dyn Projection>> {
+    tokio::task::spawn_blocking(move || p.compact().map(|()| p))
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 /// Puts the shadow store at `shadow_path` in place of the live one,

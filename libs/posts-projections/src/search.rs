@@ -52,7 +52,7 @@ const FAR_BEHIND_EVENTS: u64 = 10_000;
 const NEAR_HEAD_EVENTS: u64 = 500;
 /// Commits while far behind: rarer, so that more edits of one post fold
 /// into one document before it is indexed. Readers see a catch-up's
-/// progress in steps of this; once within [`FAR_BEHIND_EVENTS`] of the
+/// progress in steps of this; once within [`NEAR_HEAD_EVENTS`] of the
 /// head, commits come every [`COMMIT_INTERVAL`] again, and at once when
 /// caught up.
 const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
@@ -1737,6 +1737,24 @@ mod tests {
         crate::incoming_at(seq, id, 1_700_000_000, event)
     }
 
+    /// A post by ann.
+    fn created(title: &str, content: &str) -> posts::Event {
+        posts::Event::Created {
+            title: title.into(),
+            content: content.into(),
+            author_name: "ann".into(),
+        }
+    }
+
+    /// An edit of the content alone.
+    fn edited(content: &str) -> posts::Event {
+        posts::Event::Updated {
+            title: None,
+            content: Some(content.into()),
+            author_name: None,
+        }
+    }
+
     /// The segments the reader's current searcher holds.
     fn segment_ids(reader: &SearchReader) -> Vec<SegmentId> {
         reader
@@ -1853,16 +1871,6 @@ mod tests {
     fn far_behind_a_posts_events_fold_into_one_indexed_document() {
         let dir = tempfile::tempdir().unwrap();
         let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
-        let created = |title: &str, content: &str| posts::Event::Created {
-            title: title.into(),
-            content: content.into(),
-            author_name: "ann".into(),
-        };
-        let edited = |content: &str| posts::Event::Updated {
-            title: None,
-            content: Some(content.into()),
-            author_name: None,
-        };
         let retitled = |title: &str| posts::Event::Updated {
             title: Some(title.into()),
             content: None,
@@ -1957,11 +1965,7 @@ mod tests {
     fn far_behind_lasts_until_near_the_head() {
         let dir = tempfile::tempdir().unwrap();
         let (mut p, _reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
-        let created = posts::Event::Created {
-            title: "t".into(),
-            content: "some words".into(),
-            author_name: "ann".into(),
-        };
+        let created = created("t", "some words");
         let mut seq = 0;
         // Whether the post the batch created is held.
         let mut held = |p: &mut SearchProjection, backlog: u64| {
@@ -1992,26 +1996,13 @@ mod tests {
         p.set_backlog(FAR_BEHIND_EVENTS);
         // Room for one post: the second one's hold writes both.
         p.held_bytes_max = HELD_ENTRY_BYTES + 200;
-        let created = |content: &str| posts::Event::Created {
-            title: "t".into(),
-            content: content.into(),
-            author_name: "ann".into(),
-        };
         // Words no typo apart: a word the index no longer holds is searched
         // with typo tolerance, and "aword" found "bword" in runs where the
         // segment of the replaced version was dropped (CI, 0a7f466).
         let events = [
-            incoming(1, "a", &created("apple")),
-            incoming(2, "b", &created("zebra")),
-            incoming(
-                3,
-                "a",
-                &posts::Event::Updated {
-                    title: None,
-                    content: Some("quartz".into()),
-                    author_name: None,
-                },
-            ),
+            incoming(1, "a", &created("t", "apple")),
+            incoming(2, "b", &created("t", "zebra")),
+            incoming(3, "a", &edited("quartz")),
         ];
         let batch: Vec<&Incoming> = events.iter().collect();
         assert!(p.apply_batch(&batch[..2]).unwrap().is_empty());
@@ -2037,24 +2028,8 @@ mod tests {
         let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
         p.set_backlog(FAR_BEHIND_EVENTS);
         let events = [
-            incoming(
-                1,
-                "a",
-                &posts::Event::Created {
-                    title: "t".into(),
-                    content: "heldword".into(),
-                    author_name: "ann".into(),
-                },
-            ),
-            incoming(
-                2,
-                "a",
-                &posts::Event::Updated {
-                    title: None,
-                    content: Some("laterword".into()),
-                    author_name: None,
-                },
-            ),
+            incoming(1, "a", &created("t", "heldword")),
+            incoming(2, "a", &edited("laterword")),
         ];
         let batch: Vec<&Incoming> = events.iter().collect();
         assert!(p.apply_batch(&batch[..1]).unwrap().is_empty());

@@ -178,7 +178,6 @@ mod tests {
         status.set_visible(12);
         assert_eq!(status.applied(), 12);
         // A rollback to the checkpoint.
-        status.set_applied(12);
         status.set_applied(20);
         status.set_applied(12);
         assert_eq!(status.applied(), 12);
