@@ -14,6 +14,7 @@
 //! ```
 
 mod corpus;
+mod http1;
 mod load;
 mod procfs;
 mod read;
@@ -152,7 +153,8 @@ impl Sizes {
     }
 }
 
-/// The HTTP client every phase uses: reqwest, HTTP/1.1 keep-alive pool, no TLS.
+/// The HTTP client of the read phases: reqwest, HTTP/1.1 keep-alive pool, no
+/// TLS. Creates go through the leaner [`http1::Client`].
 ///
 /// # Errors
 /// When the client cannot be built.
@@ -359,7 +361,8 @@ fn main() -> anyhow::Result<()> {
          Reads: 1 in flight for visibility (create, then GET with min_seq right after the ack), 8 for search \
          (two distinct words of one live post's final content per query). \
          Posts are generated text: a 4096-word vocabulary with Zipf-distributed frequencies, 3-8 word titles, 40-100 word contents. \
-         HTTP client: reqwest 0.13 (on hyper 1), HTTP/1.1 keep-alive pool, no TLS. \
+         HTTP clients: creates use the bench's own HTTP/1.1 client (bins/bench/src/http1.rs, like wrk: one keep-alive connection per request in flight, \
+         each request written whole, each response parsed with httparse and read in full), reads use reqwest 0.13 (on hyper 1) with a keep-alive pool; no TLS. \
          Read side on a nats-server with the default sync interval: backlog of {events} events over {posts} posts \
          (creates, then one update per post per round, 1 in 100 posts ending deleted) written by raw publishes with the command service's headers; \
          the raw ordered drain and posts-query's catch-up from an empty data dir alternate in {catchup_rounds} rounds, and each reports its best round \
@@ -388,7 +391,10 @@ fn main() -> anyhow::Result<()> {
             "backlog_posts": sizes.posts,
             "create_payload_bytes_mean": pool.mean_payload_bytes(),
             "create_http_body_bytes_mean": pool.mean_body_bytes(),
-            "http_client": "reqwest 0.13 (hyper 1), HTTP/1.1 keep-alive pool, no TLS",
+            "http_client": {
+                "creates": "the bench's HTTP/1.1 client (httparse), one keep-alive connection per request in flight, no TLS",
+                "reads": "reqwest 0.13 (hyper 1), HTTP/1.1 keep-alive pool, no TLS",
+            },
             "binaries": binaries,
             "loadavg_at_start": loadavg_at_start,
             "loadavg_at_end": loadavg(),

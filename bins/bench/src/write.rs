@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_nats::jetstream;
 use bytes::Bytes;
-use reqwest::header::CONTENT_TYPE;
 use testkit::{NatsOptions, NatsServer};
 use tokio::runtime::Runtime;
 
@@ -15,7 +14,7 @@ use crate::load::{self, OpFuture, Outcome};
 use crate::procfs::CpuWatch;
 use crate::procfs::PhaseCost;
 use crate::report::{Report, Target};
-use crate::{Sizes, http_client, nats_pid, spawn_command};
+use crate::{HTTP_REQUEST_TIMEOUT, Sizes, http1, nats_pid, spawn_command};
 
 /// In flight for both throughput runs, raw and HTTP: the same window.
 pub const THROUGHPUT_IN_FLIGHT: usize = 64;
@@ -48,29 +47,28 @@ fn raw_op(
 
 /// `POST /posts` with a pooled body; success is 201.
 fn create_op(
-    client: reqwest::Client,
-    command_url: &str,
+    client: &http1::Client,
     pool: &CreatePool,
 ) -> impl Fn(u64) -> OpFuture + Send + Sync + 'static {
-    let url = format!("{command_url}/posts");
-    let bodies: Arc<Vec<Bytes>> = Arc::new(pool.bodies.clone());
+    let requests: Arc<Vec<Bytes>> = Arc::new(
+        pool.bodies
+            .iter()
+            .map(|body| client.post_json("/posts", body))
+            .collect(),
+    );
+    let client = client.clone();
     move |n| {
-        let body = bodies[usize::try_from(n).unwrap_or(0) % bodies.len()].clone();
-        let request = client
-            .post(&url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
+        let request = requests[usize::try_from(n).unwrap_or(0) % requests.len()].clone();
+        let client = client.clone();
         Box::pin(async move {
-            let response = request.send().await.map_err(|e| e.to_string())?;
-            let status = response.status();
-            // Read the body to the end so the connection goes back to the pool.
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if status == reqwest::StatusCode::CREATED {
+            let response = client.send(&request).await?;
+            if response.status == 201 {
                 Ok(())
             } else {
                 Err(format!(
-                    "{status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                    "{}: {}",
+                    response.status,
+                    String::from_utf8_lossy(&response.body[..response.body.len().min(200)])
                 ))
             }
         })
@@ -113,7 +111,7 @@ pub fn run(
         anyhow::Ok(js)
     })?;
     let (command, command_url) = spawn_command(&nats.url())?;
-    let client = http_client()?;
+    let client = http1::Client::new(&command_url, HTTP_REQUEST_TIMEOUT)?;
 
     // Raw and HTTP alternate in short slices, so drift on a shared machine
     // (other processes, the disk's fsync latency) hits both alike.
@@ -137,7 +135,7 @@ pub fn run(
             THROUGHPUT_IN_FLIGHT,
             sizes.throughput_warmup,
             sizes.throughput_slice(),
-            create_op(client.clone(), &command_url, pool),
+            create_op(&client, pool),
         ));
         http.add(outcome, watch.finish(http_name));
     }
@@ -187,7 +185,7 @@ pub fn run(
                 LATENCY_IN_FLIGHT,
                 warmup,
                 samples,
-                create_op(client.clone(), &command_url, pool),
+                create_op(&client, pool),
             )));
             http_cost.absorb(&watch.finish("command_create_latency"));
         }
