@@ -228,7 +228,7 @@ async fn replay_one(
         // Every event is in; the bar would sit at 100% through the merge.
         compacting.store(true, std::sync::atomic::Ordering::Relaxed);
         if !std::io::stderr().is_terminal() {
-            eprintln!("{name}: {target}/{target} events applied; compacting the store");
+            eprintln!("{}", compacting_line(name, target));
         }
         let compact_started = Instant::now();
         let p = rebuild::compact(p).await?;
@@ -317,6 +317,11 @@ async fn replay_one(
     Ok(outcome)
 }
 
+/// What replay says while post-search merges after every event is in.
+fn compacting_line(name: &str, target: u64) -> String {
+    format!("{name}: {target}/{target} events applied; compacting the store")
+}
+
 async fn show_progress(
     name: String,
     status: Arc<Status>,
@@ -361,9 +366,7 @@ async fn show_progress(
                 indicatif::ProgressStyle::with_template("{msg} {spinner} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
-            b.set_message(format!(
-                "{name}: {target}/{target} events applied; compacting the store"
-            ));
+            b.set_message(compacting_line(&name, target));
             b.enable_steady_tick(Duration::from_millis(120));
         }
         // Applied, not visible: post-search commits a replay every 10 s.
