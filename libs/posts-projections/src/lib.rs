@@ -27,6 +27,37 @@ pub const PROJECTIONS: [&str; 2] = [POST_VIEW, POST_SEARCH];
 /// Parked events whose details are kept (the total is always counted).
 pub const PARKED_RECENT_MAX: usize = 100;
 
+/// Once at least this many events are still to come, a projection is far
+/// behind (a catch-up, a replay): both hold changed posts in memory (see
+/// `SearchProjection::held`, `ViewProjection::held`) and commit every
+/// [`CATCH_UP_COMMIT_INTERVAL`], until fewer than [`NEAR_HEAD_EVENTS`] are.
+const FAR_BEHIND_EVENTS: u64 = 10_000;
+/// Where being far behind ends. Ending it at [`FAR_BEHIND_EVENTS`] wrote
+/// the held posts with 10k events to go: in `just bench`'s stream those
+/// were edits of ~10k posts just written, each indexed a second time and
+/// its first version deleted (a tenth of the catch-up's indexing, and two
+/// more segments for every search to visit). The feed hands over batches
+/// of 500 while the server has more, so a catch-up ends it with its last
+/// batch, and one commit holds every post once.
+const NEAR_HEAD_EVENTS: u64 = 500;
+/// Commits while far behind: rarer, so that more events of one post fold
+/// into one held post before it is written. Readers see a catch-up's
+/// progress in steps of this; once within [`NEAR_HEAD_EVENTS`] of the
+/// head, commits come as they do live, and at once when caught up.
+const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a projection is far behind with `events` still to come, given
+/// whether it was (see [`FAR_BEHIND_EVENTS`]).
+fn far_behind(was: bool, events: u64) -> bool {
+    if events >= FAR_BEHIND_EVENTS {
+        true
+    } else if events < NEAR_HEAD_EVENTS {
+        false
+    } else {
+        was
+    }
+}
+
 /// Decodes envelope and payload of one incoming message, or says why not.
 fn decode(incoming: &Incoming) -> Result<(&RecordedEvent, Event), String> {
     let env = incoming

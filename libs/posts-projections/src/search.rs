@@ -27,7 +27,7 @@ use tantivy::{
 };
 
 use crate::snippet::Highlighter;
-use crate::{PARKED_RECENT_MAX, POST_SEARCH, decode, hex, micros};
+use crate::{CATCH_UP_COMMIT_INTERVAL, PARKED_RECENT_MAX, POST_SEARCH, decode, hex, micros};
 
 /// Longest accepted query text, in bytes.
 pub const QUERY_BYTES_MAX: usize = 512;
@@ -37,25 +37,6 @@ pub const QUERY_TERMS_MAX: usize = 16;
 /// at once, so live visibility does not wait for it. Fewer commits mean
 /// fewer small segments to merge.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
-/// Once at least this many events are still to come, the projection is
-/// far behind (a catch-up, a replay): changed posts are held back from the
-/// writer (see [`SearchProjection::held`]) and commits come every
-/// [`CATCH_UP_COMMIT_INTERVAL`], until fewer than [`NEAR_HEAD_EVENTS`] are.
-const FAR_BEHIND_EVENTS: u64 = 10_000;
-/// Where being far behind ends. Ending it at [`FAR_BEHIND_EVENTS`] wrote
-/// the held posts with 10k events to go: in `just bench`'s stream those
-/// were edits of ~10k posts just written, each indexed a second time and
-/// its first version deleted (a tenth of the catch-up's indexing, and two
-/// more segments for every search to visit). The feed hands over batches
-/// of 500 while the server has more, so a catch-up ends it with its last
-/// batch, and one commit holds every post once.
-const NEAR_HEAD_EVENTS: u64 = 500;
-/// Commits while far behind: rarer, so that more edits of one post fold
-/// into one document before it is indexed. Readers see a catch-up's
-/// progress in steps of this; once within [`NEAR_HEAD_EVENTS`] of the
-/// head, commits come every [`COMMIT_INTERVAL`] again, and at once when
-/// caught up.
-const CATCH_UP_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 /// What the held posts may take (their text plus a fixed overhead each)
 /// before they are all written to the index: a quarter of posts-query's
 /// 512 MB memory target.
@@ -326,8 +307,8 @@ pub struct SearchProjection {
     /// document, so it skips reading it from the index (a doc-store block
     /// and a decode; with the id lookups, 6% of a catch-up's CPU). Exact
     /// ids, not fingerprints: a wrong hit would be a wrong document.
-    /// Bounded by `HEADERS_MAX`; forgotten on rollback.
-    headers: foldhash::HashMap<Box<str>, Header>,
+    /// Bounded by `HEADERS_MAX`; forgotten on rollback. Boxed, as `held`.
+    headers: foldhash::HashMap<Box<str>, Box<Header>>,
     /// Posts changed while far behind, as of their last applied event, not
     /// yet given to the writer: a later event of the same post changes the
     /// held document instead of indexing another version and deleting the
@@ -336,8 +317,11 @@ pub struct SearchProjection {
     /// no replaced versions). Written to the index before every commit (the
     /// checkpoint covers them), and when they reach [`HELD_BYTES_MAX`];
     /// dropped on rollback. Kafka Streams' record cache does the same for
-    /// its state stores. A post here is looked up nowhere else.
-    held: foldhash::HashMap<String, Held>,
+    /// its state stores. A post here is looked up nowhere else. Boxed: the
+    /// table then moves 32-byte entries when it grows, not whole documents
+    /// (its resizes were 2% of a catch-up's CPU, mostly faulting in the new
+    /// tables).
+    held: foldhash::HashMap<String, Box<Held>>,
     held_bytes: usize,
     /// [`HELD_BYTES_MAX`]; smaller in tests.
     held_bytes_max: usize,
@@ -530,6 +514,7 @@ impl SearchProjection {
         let from_held = held.is_some();
         let (current, replaces) = match held {
             Some(h) => {
+                let h = *h;
                 self.held_bytes -= h.bytes();
                 (Some(h.doc), h.replaces)
             }
@@ -610,7 +595,7 @@ impl SearchProjection {
     /// writes every held post once they take too much memory.
     fn hold(&mut self, id: String, held: Held) -> Result<(), ProjectionError> {
         self.held_bytes += held.bytes();
-        self.held.insert(id, held);
+        self.held.insert(id, Box::new(held));
         if self.held_bytes > self.held_bytes_max {
             self.write_held()?;
         }
@@ -627,7 +612,7 @@ impl SearchProjection {
         let posts = held.len();
         self.held_bytes = 0;
         for (id, h) in held {
-            self.write(id, h)?;
+            self.write(id, *h)?;
         }
         tracing::debug!(
             posts,
@@ -665,12 +650,12 @@ impl SearchProjection {
         let written_in = self.reader.reader.searcher().generation().generation_id();
         let header = Header::of(&doc, written_in);
         if let Some(h) = self.headers.get_mut(id.as_str()) {
-            *h = header;
+            **h = header;
         } else {
             if self.headers.len() >= HEADERS_MAX {
                 self.headers.clear();
             }
-            self.headers.insert(id.as_str().into(), header);
+            self.headers.insert(id.as_str().into(), Box::new(header));
         }
         if self.pending.len() >= PENDING_DOCS_MAX / 2 {
             // The older generation goes; both tables keep their capacity.
@@ -904,11 +889,7 @@ impl Projection for SearchProjection {
     }
 
     fn set_backlog(&mut self, events: u64) {
-        if events >= FAR_BEHIND_EVENTS {
-            self.far_behind = true;
-        } else if events < NEAR_HEAD_EVENTS {
-            self.far_behind = false;
-        }
+        self.far_behind = crate::far_behind(self.far_behind, events);
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
@@ -1619,6 +1600,7 @@ impl SearchReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{FAR_BEHIND_EVENTS, NEAR_HEAD_EVENTS};
 
     /// The bitmap count agrees with tantivy's own count over several
     /// segments, with deleted documents and an author filter.

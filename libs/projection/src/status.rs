@@ -18,7 +18,7 @@ pub struct Status {
     name: String,
     visible: watch::Sender<u64>,
     /// Applied to the store, committed or not: ahead of `visible` while a
-    /// store holds changes back (post-search far behind). For progress.
+    /// store holds changes back (far behind). For progress.
     applied: AtomicU64,
     state: AtomicU8,
     parked_total: AtomicU64,

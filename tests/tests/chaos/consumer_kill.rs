@@ -36,7 +36,10 @@ const PACE_MS: (u64, u64) = (60, 220);
 const BACKLOG_COMMANDS: [u64; 3] = [600, 2_400, 9_600];
 /// The same with post-view itself killed between two of its batches: live,
 /// a batch holds up to `RunnerOptions::live().batch_events_max` (2,000).
-const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 2] = [4_000, 12_000];
+/// Under 10,000: from that many events to come, post-view holds its
+/// changes and commits them near the head, so `/projections` would not
+/// show it part-way.
+const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 2] = [4_000, 8_000];
 /// Commands in flight while a backlog is written.
 const BACKLOG_IN_FLIGHT: u64 = 32;
 /// Writing a backlog, at most: this, plus [`BACKLOG_DEADLINE_PER_COMMAND`]
