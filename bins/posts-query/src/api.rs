@@ -431,6 +431,7 @@ async fn projections(State(state): State<AppState>) -> Response {
             json!({
                 "name": snap.name,
                 "checkpoint": snap.checkpoint,
+                "applied": snap.applied,
                 "stream_last_seq": last,
                 "lag": last.map(|l| l.saturating_sub(snap.checkpoint)),
                 "state": shown_state,

@@ -586,7 +586,7 @@ impl SearchProjection {
         if self.far_behind {
             self.hold(id, change)?;
         } else {
-            self.write(id, change)?;
+            self.write(id, change, false)?;
         }
         Ok(Ok(()))
     }
@@ -597,13 +597,14 @@ impl SearchProjection {
         self.held_bytes += held.bytes();
         self.held.insert(id, Box::new(held));
         if self.held_bytes > self.held_bytes_max {
-            self.write_held()?;
+            self.write_held(false)?;
         }
         Ok(())
     }
 
-    /// Gives every held post to the writer.
-    fn write_held(&mut self) -> Result<(), ProjectionError> {
+    /// Gives every held post to the writer; `committing` when a commit
+    /// follows at once (see [`Self::write`]).
+    fn write_held(&mut self, committing: bool) -> Result<(), ProjectionError> {
         if self.held.is_empty() {
             return Ok(());
         }
@@ -612,7 +613,7 @@ impl SearchProjection {
         let posts = held.len();
         self.held_bytes = 0;
         for (id, h) in held {
-            self.write(id, *h)?;
+            self.write(id, *h, committing)?;
         }
         tracing::debug!(
             posts,
@@ -623,8 +624,12 @@ impl SearchProjection {
     }
 
     /// Gives the post's document to the writer, deleting the version it
-    /// replaces.
-    fn write(&mut self, id: String, change: Held) -> Result<(), ProjectionError> {
+    /// replaces. Unless `committing` (a commit follows before any other
+    /// event is applied, and forgets them), the post is also remembered as
+    /// changed since the last commit, with its document: a catch-up's last
+    /// write of held posts then skips ~100k map inserts that the commit
+    /// throws away (3% of its CPU).
+    fn write(&mut self, id: String, change: Held, committing: bool) -> Result<(), ProjectionError> {
         let Held { doc, replaces, fp } = change;
         let f = self.reader.fields;
         if !matches!(replaces, Where::Nowhere) {
@@ -646,7 +651,6 @@ impl SearchProjection {
                 self.known = None;
             }
         }
-        self.touched.insert(fp);
         let written_in = self.reader.reader.searcher().generation().generation_id();
         let header = Header::of(&doc, written_in);
         if let Some(h) = self.headers.get_mut(id.as_str()) {
@@ -657,6 +661,10 @@ impl SearchProjection {
             }
             self.headers.insert(id.as_str().into(), Box::new(header));
         }
+        if committing {
+            return Ok(());
+        }
+        self.touched.insert(fp);
         if self.pending.len() >= PENDING_DOCS_MAX / 2 {
             // The older generation goes; both tables keep their capacity.
             std::mem::swap(&mut self.pending, &mut self.pending_old);
@@ -668,7 +676,7 @@ impl SearchProjection {
 
     fn commit(&mut self) -> Result<(), ProjectionError> {
         // The checkpoint covers the held posts' events: they go in first.
-        self.write_held()?;
+        self.write_held(true)?;
         if self.applied == self.checkpoint {
             return Ok(());
         }

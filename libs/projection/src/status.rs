@@ -41,6 +41,8 @@ pub struct RebuildProgress {
 pub struct StatusSnapshot {
     pub name: String,
     pub checkpoint: u64,
+    /// See [`Status::applied`].
+    pub applied: u64,
     pub state: ProjectionState,
     pub parked: u64,
     pub caught_up_once: bool,
@@ -155,6 +157,7 @@ impl Status {
         StatusSnapshot {
             name: self.name.clone(),
             checkpoint: self.visible(),
+            applied: self.applied(),
             state: self.state(),
             parked: self.parked_total(),
             caught_up_once: self.caught_up_once(),

@@ -2,8 +2,9 @@
 //! restarted on the same data dir each time: every other kill at a random
 //! moment, the others part-way through a backlog (the service is suspended,
 //! a backlog written, the service resumed and killed once `/projections`
-//! shows it applying: half of them with post-view itself between two
-//! batches, the others with post-search's latest events not yet committed).
+//! shows it applying: with post-view itself between two batches, with
+//! post-search's latest events not yet committed, or, in a backlog of over
+//! 10k events, with post-view holding applied events for a later commit).
 //! Nothing applied twice, nothing skipped, views equal to a rebuild from
 //! sequence 1.
 
@@ -40,6 +41,9 @@ const BACKLOG_COMMANDS: [u64; 3] = [600, 2_400, 9_600];
 /// changes and commits them near the head, so `/projections` would not
 /// show it part-way.
 const BACKLOG_COMMANDS_VIEW_MIDWAY: [u64; 2] = [4_000, 8_000];
+/// The same with post-view holding what it applied: from 10,000 events to
+/// come after a batch (of up to 2,000), until fewer than 500 are.
+const BACKLOG_COMMANDS_VIEW_HELD: [u64; 2] = [16_000, 24_000];
 /// Commands in flight while a backlog is written.
 const BACKLOG_IN_FLIGHT: u64 = 32;
 /// Writing a backlog, at most: this, plus [`BACKLOG_DEADLINE_PER_COMMAND`]
@@ -68,18 +72,25 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut summary = Summary::default();
 
     let kills = KILLS_PER_ROUND.max(ctx.rounds * KILLS_PER_ROUND);
-    let (mut behind, mut view_midway, mut backlog_commands) = (0u64, 0u64, 0u64);
+    let (mut behind, mut view_midway, mut view_held, mut backlog_commands) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut lags = Vec::new();
     for k in 0..kills {
         if k % 2 == 0 {
             tokio::time::sleep(rng.millis(BETWEEN_KILLS_MS.0, BETWEEN_KILLS_MS.1)).await;
             query.kill();
         } else {
-            let view_too = k % 4 == 3;
-            let sizes: &[u64] = if view_too {
-                &BACKLOG_COMMANDS_VIEW_MIDWAY
+            let midway = if k % 8 == 5 {
+                Midway::ViewHeld
+            } else if k % 4 == 3 {
+                Midway::View
             } else {
-                &BACKLOG_COMMANDS
+                Midway::Search
+            };
+            let sizes: &[u64] = match midway {
+                Midway::Search => &BACKLOG_COMMANDS,
+                Midway::View => &BACKLOG_COMMANDS_VIEW_MIDWAY,
+                Midway::ViewHeld => &BACKLOG_COMMANDS_VIEW_HELD,
             };
             let mut killed = None;
             for (attempt, &n) in sizes.iter().enumerate() {
@@ -87,7 +98,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
                 let tag = format!("{}-b{k}-a{attempt}", cfg.tag);
                 let backlog = Backlog {
                     commands: n,
-                    view_midway: view_too,
+                    midway,
                     tag: &tag,
                 };
                 // No other writes meanwhile: the backlog's own
@@ -106,15 +117,16 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
                     "posts-query applied backlogs of up to {} commands before /projections \
                      showed it part-way{}; no kill landed mid-backlog",
                     sizes.last().copied().unwrap_or_default(),
-                    if view_too {
-                        " (post-view between batches)"
-                    } else {
-                        ""
+                    match midway {
+                        Midway::Search => "",
+                        Midway::View => " (post-view between batches)",
+                        Midway::ViewHeld => " (post-view holding applied events)",
                     }
                 );
             };
             behind += 1;
-            view_midway += u64::from(view_too);
+            view_midway += u64::from(midway == Midway::View);
+            view_held += u64::from(midway == Midway::ViewHeld);
             lags.push(lag);
         }
         let killed_at = Instant::now();
@@ -126,6 +138,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     writers.stop().await?;
     summary.note("kills_mid_backlog", behind);
     summary.note("kills_view_midway", view_midway);
+    summary.note("kills_view_held", view_held);
     summary.note("lags_at_kill", format!("{lags:?}").replace(' ', ""));
     summary.note("backlog_commands", backlog_commands);
 
@@ -168,11 +181,22 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a kill part-way through a backlog lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Midway {
+    /// post-search short of the backlog's end: its latest events are not
+    /// yet committed.
+    Search,
+    /// post-view itself short of the backlog's end, between two batches.
+    View,
+    /// post-view far behind, holding events of the backlog it applied and
+    /// has not committed.
+    ViewHeld,
+}
+
 struct Backlog<'a> {
     commands: u64,
-    /// Kill with post-view itself short of the backlog's end (otherwise
-    /// post-search, whose latest events are not yet committed).
-    view_midway: bool,
+    midway: Midway,
     /// Titles, contents and correlation ids carry it.
     tag: &'a str,
 }
@@ -181,9 +205,11 @@ struct Backlog<'a> {
 /// service (in the oracle like the writers'; the caller has paused them),
 /// resumes it, and SIGKILLs it as soon as `/projections` shows it part-way
 /// through: post-view at or past the backlog's first event, and the
-/// projection the backlog names short of its last. Returns how far short,
-/// or `None` (no kill) when it was already through at the first look that
-/// saw post-view in the backlog.
+/// projection the backlog names short of its last; or, for
+/// [`Midway::ViewHeld`], post-view having applied events of the backlog
+/// and committed none. Returns how far short post-view's or post-search's
+/// checkpoint is, or `None` (no kill) when it was already through at the
+/// first look that saw post-view in the backlog.
 async fn kill_mid_backlog(
     query: &mut Service,
     reads: &reqwest::Client,
@@ -195,10 +221,12 @@ async fn kill_mid_backlog(
     let checkpoint = |ps: &[ProjectionStatus], name: &str| {
         ps.iter().find(|p| p.name == name).map(|p| p.checkpoint)
     };
-    let target = if backlog.view_midway {
-        "post-view"
-    } else {
+    let applied =
+        |ps: &[ProjectionStatus], name: &str| ps.iter().find(|p| p.name == name).map(|p| p.applied);
+    let target = if backlog.midway == Midway::Search {
         "post-search"
+    } else {
+        "post-view"
     };
     query.suspend();
     let written = write_backlog(cfg, oracle, rng, backlog.commands, backlog.tag).await;
@@ -216,6 +244,13 @@ async fn kill_mid_backlog(
             let now = projections(reads, query).await.ok()?;
             let view = checkpoint(&now, "post-view")?;
             let at = checkpoint(&now, target)?;
+            if backlog.midway == Midway::ViewHeld {
+                return if view >= first {
+                    Some(0) // committed already: too late
+                } else {
+                    (applied(&now, "post-view")? >= first).then_some(last.saturating_sub(view))
+                };
+            }
             (view >= first).then_some(last.saturating_sub(at))
         },
     )

@@ -608,6 +608,8 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<(u16,
 pub struct ProjectionStatus {
     pub name: String,
     pub checkpoint: u64,
+    /// Applied, committed or not: ahead of `checkpoint` while held.
+    pub applied: u64,
     pub parked: u64,
     pub state: String,
 }
@@ -631,6 +633,7 @@ pub async fn projections(
             Ok(ProjectionStatus {
                 name: e["name"].as_str().context("name")?.to_string(),
                 checkpoint: e["checkpoint"].as_u64().context("checkpoint")?,
+                applied: e["applied"].as_u64().context("applied")?,
                 parked: e["parked"].as_u64().context("parked")?,
                 state: e["state"].as_str().unwrap_or_default().to_string(),
             })
