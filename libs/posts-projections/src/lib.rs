@@ -33,7 +33,7 @@ pub const PARKED_RECENT_MAX: usize = 100;
 /// [`CATCH_UP_COMMIT_INTERVAL`], until fewer than [`NEAR_HEAD_EVENTS`] are.
 const FAR_BEHIND_EVENTS: u64 = 10_000;
 /// Where being far behind ends. Ending it at [`FAR_BEHIND_EVENTS`] wrote
-/// the held posts with 10k events to go: in `just bench`'s stream those
+/// post-search's held posts with 10k events to go: in `just bench`'s stream those
 /// were edits of ~10k posts just written, each indexed a second time and
 /// its first version deleted (a tenth of the catch-up's indexing, and two
 /// more segments for every search to visit). The feed hands over batches
