@@ -58,6 +58,17 @@ fn far_behind(was: bool, events: u64) -> bool {
     }
 }
 
+/// Why both read models refuse `event` for a post in this state: absent
+/// (`None`), or stored or held, deleted or not (`Some(deleted)`).
+fn cannot_follow(event: &Event, deleted: Option<bool>) -> String {
+    let state = match deleted {
+        None => "absent",
+        Some(true) => "deleted",
+        Some(false) => "live",
+    };
+    format!("{} cannot follow a post that is {state}", event.name())
+}
+
 /// Decodes envelope and payload of one incoming message, or says why not.
 fn decode(incoming: &Incoming) -> Result<(&RecordedEvent, Event), String> {
     let env = incoming

@@ -566,15 +566,7 @@ impl SearchProjection {
                 d
             }
             (state, event) => {
-                let reason = format!(
-                    "{} cannot follow a post that is {}",
-                    event.name(),
-                    match &state {
-                        None => "absent",
-                        Some(d) if d.deleted => "deleted",
-                        Some(_) => "live",
-                    }
-                );
+                let reason = crate::cannot_follow(&event, state.as_ref().map(|d| d.deleted));
                 if from_held && let Some(doc) = state {
                     // Refused: the held post stays as it was.
                     self.hold(id, Held { doc, replaces, fp })?;

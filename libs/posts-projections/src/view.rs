@@ -278,15 +278,6 @@ fn decode_row(bytes: &[u8]) -> Result<Row, ViewError> {
     postcard::from_bytes(bytes).map_err(store_err)
 }
 
-/// A post's state as an event finds it: held, stored, or absent.
-fn state_name(row: Option<&Row>) -> &'static str {
-    match row {
-        None => "absent",
-        Some(r) if r.deleted => "deleted",
-        Some(_) => "live",
-    }
-}
-
 impl ViewProjection {
     /// Applies one event to the held posts, reading the post from the store
     /// (`posts`, as of the last commit) if it is not held yet.
@@ -320,7 +311,6 @@ impl ViewProjection {
                 (id.to_string(), current, false)
             }
         };
-        let name = event.name();
         let (next, outcome) = match (current, event) {
             (
                 None,
@@ -375,11 +365,8 @@ impl ViewProjection {
                 h.row.updated_at_us = at;
                 (Some(h), Ok(()))
             }
-            (state, _) => {
-                let reason = format!(
-                    "{name} cannot follow a post that is {}",
-                    state_name(state.as_ref().map(|h| &h.row))
-                );
+            (state, event) => {
+                let reason = crate::cannot_follow(&event, state.as_ref().map(|h| h.row.deleted));
                 // Refused: a held post stays as it was; a stored one is
                 // not held, since nothing changed.
                 (state.filter(|_| from_held), Err(reason))
@@ -426,41 +413,33 @@ impl ViewProjection {
                 posts
                     .insert(id.as_bytes(), encode_row(row).as_slice())
                     .map_err(ProjectionError::new)?;
-                let listed_now = (!row.deleted).then_some(row.author_name.as_str());
-                let at = row.created_at_us;
-                match (h.listed_as.as_deref(), listed_now) {
-                    (Some(before), Some(now)) if before == now => {}
-                    (before, now) => {
-                        if let Some(a) = before {
-                            author_out.push(author_key(a, at, id));
-                        }
-                        if let Some(a) = now {
-                            author_in.push(author_key(a, at, id));
-                        }
-                        match (before, now) {
-                            (Some(_), None) => created_out.push(created_key(at, id)),
-                            (None, Some(_)) => created_in.push(created_key(at, id)),
-                            _ => {}
-                        }
+                // Listed under `before` in the store, `now` after this commit.
+                let before = h.listed_as.as_deref();
+                let now = (!row.deleted).then_some(row.author_name.as_str());
+                if before != now {
+                    let at = row.created_at_us;
+                    match (before, now) {
+                        (None, Some(_)) => created_in.push(created_key(at, id)),
+                        (Some(_), None) => created_out.push(created_key(at, id)),
+                        _ => {}
                     }
+                    author_out.extend(before.map(|a| author_key(a, at, id)));
+                    author_in.extend(now.map(|a| author_key(a, at, id)));
                 }
             }
-            for (table, out, into) in [
+            for (table, mut out, mut into) in [
                 (&mut by_created, created_out, created_in),
                 (&mut by_author, author_out, author_in),
             ] {
-                for (keys, insert) in [(out, false), (into, true)] {
-                    let mut keys = keys;
-                    keys.sort_unstable();
-                    for k in keys {
-                        if insert {
-                            table
-                                .insert(k.as_slice(), ())
-                                .map_err(ProjectionError::new)?;
-                        } else {
-                            table.remove(k.as_slice()).map_err(ProjectionError::new)?;
-                        }
-                    }
+                out.sort_unstable();
+                into.sort_unstable();
+                for k in out {
+                    table.remove(k.as_slice()).map_err(ProjectionError::new)?;
+                }
+                for k in into {
+                    table
+                        .insert(k.as_slice(), ())
+                        .map_err(ProjectionError::new)?;
                 }
             }
             for p in &self.held_parked {

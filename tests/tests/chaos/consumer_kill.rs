@@ -16,8 +16,8 @@ use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
-    CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, ProjectionStatus, Rng, Service, Summary, projections,
-    read_client, run_replay, spawn_command, spawn_query, wait_ready,
+    CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, Rng, Service, Summary, projections, read_client,
+    run_replay, spawn_command, spawn_query, wait_ready,
 };
 use crate::workload::{
     LoadConfig, Mix, Oracle, Outcome, SharedOracle, Writers, choose, lock, send_recorded, snapshot,
@@ -218,11 +218,6 @@ async fn kill_mid_backlog(
     rng: &mut Rng,
     backlog: &Backlog<'_>,
 ) -> anyhow::Result<Option<u64>> {
-    let checkpoint = |ps: &[ProjectionStatus], name: &str| {
-        ps.iter().find(|p| p.name == name).map(|p| p.checkpoint)
-    };
-    let applied =
-        |ps: &[ProjectionStatus], name: &str| ps.iter().find(|p| p.name == name).map(|p| p.applied);
     let target = if backlog.midway == Midway::Search {
         "post-search"
     } else {
@@ -242,16 +237,17 @@ async fn kill_mid_backlog(
         CATCH_UP_DEADLINE,
         || async {
             let now = projections(reads, query).await.ok()?;
-            let view = checkpoint(&now, "post-view")?;
-            let at = checkpoint(&now, target)?;
+            let entry = |name: &str| now.iter().find(|p| p.name == name);
+            let view = entry("post-view")?;
+            let at = entry(target)?.checkpoint;
             if backlog.midway == Midway::ViewHeld {
-                return if view >= first {
+                return if view.checkpoint >= first {
                     Some(0) // committed already: too late
                 } else {
-                    (applied(&now, "post-view")? >= first).then_some(last.saturating_sub(view))
+                    (view.applied >= first).then_some(last.saturating_sub(view.checkpoint))
                 };
             }
-            (view >= first).then_some(last.saturating_sub(at))
+            (view.checkpoint >= first).then_some(last.saturating_sub(at))
         },
     )
     .await?;
