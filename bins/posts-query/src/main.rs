@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
+    servicekit::no_transparent_huge_pages();
     let config = posts_query::Config::parse();
     match posts_query::serve(config, servicekit::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
