@@ -604,6 +604,13 @@ impl SearchProjection {
         let held = std::mem::take(&mut self.held);
         let posts = held.len();
         self.held_bytes = 0;
+        // Room for every post at once: grown by doubling, these tables
+        // rehashed ~100k entries several times at the end of a catch-up.
+        if let Some(known) = &mut self.known {
+            known.reserve(posts.min(KNOWN_IDS_MAX.saturating_sub(known.len())));
+        }
+        self.headers
+            .reserve(posts.min(HEADERS_MAX.saturating_sub(self.headers.len())));
         for (id, h) in held {
             self.write(id, *h, committing)?;
         }

@@ -270,8 +270,10 @@ pub struct ViewReader {
     db: Arc<Database>,
 }
 
-fn encode_row(row: &Row) -> Vec<u8> {
-    postcard::to_stdvec(row).unwrap_or_default()
+/// Encodes `row` into `buf`, reusing its allocation.
+fn encode_row(row: &Row, mut buf: Vec<u8>) -> Result<Vec<u8>, ProjectionError> {
+    buf.clear();
+    postcard::to_extend(row, buf).map_err(ProjectionError::new)
 }
 
 fn decode_row(bytes: &[u8]) -> Result<Row, ViewError> {
@@ -408,10 +410,12 @@ impl ViewProjection {
             let mut created_in = Vec::new();
             let mut author_out = Vec::new();
             let mut author_in = Vec::new();
+            let mut encoded = Vec::with_capacity(1024);
             for (id, h) in held {
                 let row = &h.row;
+                encoded = encode_row(row, encoded)?;
                 posts
-                    .insert(id.as_bytes(), encode_row(row).as_slice())
+                    .insert(id.as_bytes(), encoded.as_slice())
                     .map_err(ProjectionError::new)?;
                 // Listed under `before` in the store, `now` after this commit.
                 let before = h.listed_as.as_deref();
