@@ -30,31 +30,51 @@ pub const PARKED_RECENT_MAX: usize = 100;
 /// Once at least this many events are still to come, a projection is far
 /// behind (a catch-up, a replay): both hold changed posts in memory (see
 /// `SearchProjection::held`, `ViewProjection::held`) and commit every
-/// [`CATCH_UP_COMMIT_INTERVAL`], until fewer than [`NEAR_HEAD_EVENTS`] are.
+/// [`CATCH_UP_COMMIT_INTERVAL`], until near the head (see [`Backlog`]).
 const FAR_BEHIND_EVENTS: u64 = 10_000;
 /// Where being far behind ends. Ending it at [`FAR_BEHIND_EVENTS`] wrote
 /// post-search's held posts with 10k events to go: in `just bench`'s stream those
 /// were edits of ~10k posts just written, each indexed a second time and
 /// its first version deleted (a tenth of the catch-up's indexing, and two
-/// more segments for every search to visit). The feed hands over batches
-/// of 500 while the server has more, so a catch-up ends it with its last
-/// batch, and one commit holds every post once.
+/// more segments for every search to visit).
 const NEAR_HEAD_EVENTS: u64 = 500;
 /// Commits while far behind: rarer, so that more events of one post fold
 /// into one held post before it is written. Readers see a catch-up's
-/// progress in steps of this; once within [`NEAR_HEAD_EVENTS`] of the
-/// head, commits come as they do live, and at once when caught up.
+/// progress in steps of this; once near the head, commits come as they do
+/// live, and at once when caught up.
 const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether a projection is far behind with `events` still to come, given
-/// whether it was (see [`FAR_BEHIND_EVENTS`]).
-fn far_behind(was: bool, events: u64) -> bool {
-    if events >= FAR_BEHIND_EVENTS {
-        true
-    } else if events < NEAR_HEAD_EVENTS {
-        false
-    } else {
-        was
+/// Whether a projection is far behind, from the events still to come after
+/// each batch (as the runner says). It becomes far behind at
+/// [`FAR_BEHIND_EVENTS`], and stops being so at the head (nothing to come),
+/// or after two batches in a row left fewer than [`NEAR_HEAD_EVENTS`].
+///
+/// One batch under [`NEAR_HEAD_EVENTS`] is not enough: the feed hands
+/// over what the server has sent, so a catch-up's second last batch often
+/// leaves a few hundred events, already on their way. Leaving there wrote
+/// the held posts, then committed those last events on their own: in
+/// `just bench`, every catch-up ended with a second search commit (~80 ms
+/// of a 2.5 s round) and two more, tiny, segments.
+#[derive(Debug, Default, Clone, Copy)]
+struct Backlog {
+    far: bool,
+    /// The last batch left fewer than [`NEAR_HEAD_EVENTS`] to come.
+    near: bool,
+}
+
+impl Backlog {
+    fn far_behind(self) -> bool {
+        self.far
+    }
+
+    fn update(&mut self, events: u64) {
+        let near = events < NEAR_HEAD_EVENTS;
+        if events >= FAR_BEHIND_EVENTS {
+            self.far = true;
+        } else if events == 0 || (near && self.near) {
+            self.far = false;
+        }
+        self.near = near;
     }
 }
 

@@ -258,7 +258,7 @@ fn open_with(
             held: foldhash::HashMap::default(),
             held_bytes: 0,
             held_bytes_max: HELD_BYTES_MAX,
-            far_behind: false,
+            backlog: crate::Backlog::default(),
             rebuild,
         },
         search_reader,
@@ -325,9 +325,8 @@ pub struct SearchProjection {
     held_bytes: usize,
     /// [`HELD_BYTES_MAX`]; smaller in tests.
     held_bytes_max: usize,
-    /// Far behind: entered at [`FAR_BEHIND_EVENTS`] still to come after a
-    /// batch (as the runner says), left below [`NEAR_HEAD_EVENTS`].
-    far_behind: bool,
+    /// Whether far behind (see [`crate::Backlog`]).
+    backlog: crate::Backlog,
     /// Built for a rebuild: no merges until [`Projection::compact`].
     rebuild: bool,
 }
@@ -575,7 +574,7 @@ impl SearchProjection {
             }
         };
         let change = Held { doc, replaces, fp };
-        if self.far_behind {
+        if self.backlog.far_behind() {
             self.hold(id, change)?;
         } else {
             self.write(id, change, false)?;
@@ -884,7 +883,7 @@ impl Projection for SearchProjection {
             }
             self.applied = incoming.seq;
         }
-        let interval = if self.far_behind {
+        let interval = if self.backlog.far_behind() {
             CATCH_UP_COMMIT_INTERVAL
         } else {
             COMMIT_INTERVAL
@@ -896,7 +895,7 @@ impl Projection for SearchProjection {
     }
 
     fn set_backlog(&mut self, events: u64) {
-        self.far_behind = crate::far_behind(self.far_behind, events);
+        self.backlog.update(events);
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
@@ -1934,8 +1933,8 @@ mod tests {
             );
         }
 
-        // Near the head: straight to the writer, nothing held.
-        p.set_backlog(NEAR_HEAD_EVENTS - 1);
+        // At the head: straight to the writer, nothing held.
+        p.set_backlog(0);
         let near = [incoming(13, "a", &edited("liveword"))];
         p.apply_batch(&near.iter().collect::<Vec<_>>()).unwrap();
         assert!(p.held.is_empty());
@@ -1947,9 +1946,9 @@ mod tests {
     }
 
     /// Far behind starts at [`FAR_BEHIND_EVENTS`] to come and lasts until
-    /// fewer than [`NEAR_HEAD_EVENTS`] are: a catch-up's last events still
-    /// fold into the held documents, while a projection that only ever was
-    /// a little behind writes at once.
+    /// the head, or two batches in a row under [`NEAR_HEAD_EVENTS`]: a
+    /// catch-up's last events still fold into the held documents, while a
+    /// projection that only ever was a little behind writes at once.
     #[test]
     fn far_behind_lasts_until_near_the_head() {
         let dir = tempfile::tempdir().unwrap();
@@ -1969,10 +1968,24 @@ mod tests {
         assert!(held(&mut p, FAR_BEHIND_EVENTS));
         assert!(held(&mut p, FAR_BEHIND_EVENTS - 1), "still far behind");
         assert!(held(&mut p, NEAR_HEAD_EVENTS));
-        assert!(!held(&mut p, NEAR_HEAD_EVENTS - 1), "near the head");
+        assert!(
+            held(&mut p, NEAR_HEAD_EVENTS - 1),
+            "one batch near the head"
+        );
+        assert!(!held(&mut p, NEAR_HEAD_EVENTS - 1), "a second one");
         p.flush().unwrap();
         assert!(p.held.is_empty());
         assert!(!held(&mut p, NEAR_HEAD_EVENTS), "not far behind again");
+        assert!(held(&mut p, FAR_BEHIND_EVENTS));
+        assert!(!held(&mut p, 0), "at the head");
+        assert!(held(&mut p, FAR_BEHIND_EVENTS), "far behind again");
+        assert!(held(&mut p, NEAR_HEAD_EVENTS - 1));
+        assert!(
+            held(&mut p, NEAR_HEAD_EVENTS),
+            "two batches near the head, not in a row"
+        );
+        assert!(held(&mut p, NEAR_HEAD_EVENTS - 1));
+        assert!(!held(&mut p, NEAR_HEAD_EVENTS - 1));
     }
 
     /// Held posts that reach the memory cap go to the writer mid-batch; a

@@ -199,7 +199,7 @@ pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
         held_bytes_max: HELD_BYTES_MAX,
         held_parked: Vec::new(),
         held_since: None,
-        far_behind: false,
+        backlog: crate::Backlog::default(),
     })
 }
 
@@ -234,7 +234,7 @@ pub struct ViewProjection {
     held_parked: Vec<Parked>,
     /// When the first change since the last commit was applied.
     held_since: Option<std::time::Instant>,
-    far_behind: bool,
+    backlog: crate::Backlog,
 }
 
 /// What the held posts may take (their text plus a fixed overhead each)
@@ -531,7 +531,7 @@ impl Projection for ViewProjection {
         self.parked_total += parked.len() as u64;
         self.held_parked.extend(parked.iter().cloned());
         let since = *self.held_since.get_or_insert_with(std::time::Instant::now);
-        if !self.far_behind
+        if !self.backlog.far_behind()
             || self.held_bytes >= self.held_bytes_max
             || since.elapsed() >= crate::CATCH_UP_COMMIT_INTERVAL
         {
@@ -541,7 +541,7 @@ impl Projection for ViewProjection {
     }
 
     fn set_backlog(&mut self, events: u64) {
-        self.far_behind = crate::far_behind(self.far_behind, events);
+        self.backlog.update(events);
     }
 
     fn flush(&mut self) -> Result<(), ProjectionError> {
@@ -1026,7 +1026,7 @@ mod tests {
         p.held_bytes_max = HELD_BYTES_MAX;
         apply(&mut p, &[incoming_at(5, "d", 5, &created("d", "dee"))]);
         assert_eq!(r.checkpoint().unwrap(), 4, "still far behind");
-        p.set_backlog(crate::NEAR_HEAD_EVENTS - 1);
+        p.set_backlog(0);
         apply(&mut p, &[incoming_at(6, "d", 6, &Event::Deleted)]);
         assert_eq!(r.checkpoint().unwrap(), 6);
         assert!(r.get("d").unwrap().unwrap().deleted);
