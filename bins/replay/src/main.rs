@@ -148,7 +148,8 @@ async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
     let js = async_nats::jetstream::new(client.clone());
     let store = EventStore::open_existing(client, js.clone(), &StreamSpec::posts(1))
         .await
-        .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?;
+        .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?
+        .with_dial(&args.nats_url, "replay");
     // Poison events are parked exactly as the live runner parks them; a DLQ
     // made here gets as many replicas as the event stream has.
     if js.get_stream("DLQ").await.is_err() {

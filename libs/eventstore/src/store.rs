@@ -78,6 +78,15 @@ pub struct EventStore {
     js: jetstream::Context,
     stream: jetstream::stream::Stream,
     subject_prefix: String,
+    /// How this store's connection was made, when known: what
+    /// [`EventStore::reader`] opens more connections with.
+    dial: Option<std::sync::Arc<Dial>>,
+}
+
+#[derive(Debug)]
+struct Dial {
+    urls: Vec<String>,
+    client_name: String,
 }
 
 impl EventStore {
@@ -101,6 +110,7 @@ impl EventStore {
             js,
             stream,
             subject_prefix,
+            dial: None,
         })
     }
 
@@ -120,7 +130,7 @@ impl EventStore {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(JETSTREAM_TIMEOUT);
         match tokio::time::timeout(START_DEADLINE, Self::open(client, js, spec)).await {
-            Ok(Ok(store)) => Ok(store),
+            Ok(Ok(store)) => Ok(store.with_dial(urls, client_name)),
             Ok(Err(source)) => Err(StartError::Stream {
                 urls: joined,
                 stream: spec.name.clone(),
@@ -156,7 +166,50 @@ impl EventStore {
             js,
             stream,
             subject_prefix,
+            dial: None,
         })
+    }
+
+    /// Remembers the URLs and client name this store's connection was made
+    /// with, so that [`EventStore::reader`] can open more.
+    #[must_use]
+    pub fn with_dial(mut self, urls: &[String], client_name: &str) -> Self {
+        self.dial = Some(std::sync::Arc::new(Dial {
+            urls: urls.to_vec(),
+            client_name: client_name.to_string(),
+        }));
+        self
+    }
+
+    /// The same stream over a new connection of its own, for reading in
+    /// parallel: each connection's messages are parsed by its own task, and
+    /// one connection's parsing is what bounds a single consumer's rate.
+    /// The connection closes when the returned store and its clones are
+    /// dropped. `Ok(None)` when this store does not know its URLs (it was
+    /// opened on a client made elsewhere, without [`EventStore::with_dial`]).
+    ///
+    /// # Errors
+    /// When the connection or the stream lookup fails.
+    pub async fn reader(&self) -> Result<Option<Self>, String> {
+        let Some(dial) = &self.dial else {
+            return Ok(None);
+        };
+        let client = crate::connect_checked(&dial.urls, &format!("{}-reader", dial.client_name))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(JETSTREAM_TIMEOUT);
+        let stream = js
+            .get_stream(self.stream_name())
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.stream_name()))?;
+        Ok(Some(Self {
+            client,
+            js,
+            stream,
+            subject_prefix: self.subject_prefix.clone(),
+            dial: self.dial.clone(),
+        }))
     }
 
     #[must_use]
