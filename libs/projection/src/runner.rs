@@ -681,7 +681,7 @@ async fn fetch_far(
     let mut next = from;
     if let Ok(head) = store.last_seq().await {
         let end = options.stop_at.map_or(head, |stop| stop.min(head));
-        if end.saturating_add(1).saturating_sub(from) >= options.ranges_from_events {
+        if end >= from && end + 1 - from >= options.ranges_from_events {
             match read_ranges(&store, from, end, &tx, &options, &name).await {
                 Some(reached) => next = reached,
                 None => return, // receiver gone: we are being stopped
