@@ -222,7 +222,7 @@ async fn feed(
             continue;
         };
         let (tx, mut rx) = mpsc::channel::<Batch>(2);
-        let fetcher = tokio::spawn(fetch_far(
+        let fetcher = tokio::spawn(fetch(
             store.clone(),
             from,
             tx,
@@ -668,29 +668,6 @@ enum RangePart {
     Failed(String),
 }
 
-/// [`fetch`], but a long backlog first in ranges, by several consumers at
-/// once (see [`read_ranges`]).
-async fn fetch_far(
-    store: EventStore,
-    from: u64,
-    tx: mpsc::Sender<Batch>,
-    options: RunnerOptions,
-    name: String,
-    health: Health,
-) {
-    let mut next = from;
-    if let Ok(head) = store.last_seq().await {
-        let end = options.stop_at.map_or(head, |stop| stop.min(head));
-        if end >= from && end + 1 - from >= options.ranges_from_events {
-            match read_ranges(&store, from, end, &tx, &options, &name).await {
-                Some(reached) => next = reached,
-                None => return, // receiver gone: we are being stopped
-            }
-        }
-    }
-    fetch(store, next, tx, options, name, health).await;
-}
-
 /// Reads `from..=end` in ranges of `options.range_events`, range `i` by
 /// reader `i % RANGE_READERS`, each reader an ordered consumer per range on
 /// a connection of its own, and hands the batches over in stream order.
@@ -851,8 +828,9 @@ async fn read_range_set(
     Ok(())
 }
 
-/// Reads the stream from `from` into batches; recreates the consumer after
-/// an error, from the sequence after the last one it sent.
+/// Reads the stream from `from` into batches, a long backlog first in
+/// ranges by several consumers at once (see [`read_ranges`]); recreates the
+/// consumer after an error, from the sequence after the last one it sent.
 async fn fetch(
     store: EventStore,
     from: u64,
@@ -862,6 +840,15 @@ async fn fetch(
     health: Health,
 ) {
     let mut next = from;
+    if let Ok(head) = store.last_seq().await {
+        let end = options.stop_at.map_or(head, |stop| stop.min(head));
+        if end >= from && end + 1 - from >= options.ranges_from_events {
+            match read_ranges(&store, from, end, &tx, &options, &name).await {
+                Some(reached) => next = reached,
+                None => return, // receiver gone: we are being stopped
+            }
+        }
+    }
     let mut backoff = BACKOFF_MIN;
     loop {
         let before = next;
@@ -1259,7 +1246,7 @@ mod tests {
         assert_eq!(seqs(rx).await.0, (1..=20).collect::<Vec<_>>());
         // The feed as a whole still hands over everything, in order.
         let (tx, mut rx) = mpsc::channel(10_000);
-        let fetcher = tokio::spawn(fetch_far(
+        let fetcher = tokio::spawn(fetch(
             store,
             1,
             tx,
