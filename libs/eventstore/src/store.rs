@@ -227,6 +227,13 @@ impl EventStore {
         &self.stream.cached_info().config.name
     }
 
+    /// The stream, as looked up when this store was opened: consumers made
+    /// on it use this store's connection.
+    #[must_use]
+    pub fn stream(&self) -> &jetstream::stream::Stream {
+        &self.stream
+    }
+
     #[must_use]
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js

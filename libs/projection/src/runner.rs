@@ -42,7 +42,7 @@ const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 const STALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Consumers reading a long backlog at once, one range each (see
 /// [`read_ranges`]).
-pub const RANGE_READERS: u64 = 2;
+const RANGE_READERS: u64 = 2;
 /// The backlog from which a feed reads in ranges, and the range length. A
 /// range is one ordered consumer, made and dropped (the events the server
 /// sent past the range's end are read again by the next range's reader, at
@@ -690,6 +690,8 @@ async fn read_ranges(
 ) -> Option<u64> {
     let range = options.range_events.max(1);
     let ranges = (end + 1 - from).div_ceil(range);
+    // Range `i`'s first and last sequence.
+    let bounds = move |i: u64| (from + i * range, (from + (i + 1) * range - 1).min(end));
     // Dropped on return, aborting the readers (and closing their connections).
     let mut readers = tokio::task::JoinSet::new();
     let mut parts = Vec::new();
@@ -705,9 +707,10 @@ async fn read_ranges(
         let store = store.clone();
         let pull_batch_max = options.pull_batch_max;
         readers.spawn(async move {
-            let bounds = (reader..ranges).step_by(usize::try_from(RANGE_READERS).unwrap_or(1));
-            let bounds = bounds.map(|i| (from + i * range, (from + (i + 1) * range - 1).min(end)));
-            if let Err(e) = read_range_set(store, reader, bounds, pull_batch_max, &part_tx).await {
+            let own = (reader..ranges)
+                .step_by(usize::try_from(RANGE_READERS).unwrap_or(1))
+                .map(bounds);
+            if let Err(e) = read_range_set(store, reader, own, pull_batch_max, &part_tx).await {
                 let _ = part_tx.send(RangePart::Failed(e)).await;
             }
         });
@@ -721,7 +724,7 @@ async fn read_ranges(
     );
     let mut next = from;
     for i in 0..ranges {
-        let range_end = (from + (i + 1) * range - 1).min(end);
+        let (_, range_end) = bounds(i);
         let part_rx = &mut parts[usize::try_from(i % RANGE_READERS).unwrap_or(0)];
         loop {
             match part_rx.recv().await {
@@ -778,14 +781,10 @@ async fn read_range_set(
             .await?
             .ok_or("no URLs to open another connection with")?
     };
-    let stream = store
-        .jetstream()
-        .get_stream(store.stream_name())
-        .await
-        .map_err(|e| e.to_string())?;
     let prefix = store.subject_prefix().to_string();
     for (first, last) in bounds {
-        let consumer = stream
+        let consumer = store
+            .stream()
             .create_consumer(follower_config(first, pull_batch_max))
             .await
             .map_err(|e| e.to_string())?;
