@@ -45,6 +45,21 @@ pub fn subject_for(post_id: &str) -> String {
     format!("posts.{post_id}")
 }
 
+/// The admin listener of the `posts-query` running on `data_dir`, as
+/// `http://host:port`, from the service file it writes there.
+///
+/// # Errors
+/// When the file is missing or names no admin address.
+pub fn admin_url(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("posts-query.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let v: Value = serde_json::from_str(&text)?;
+    let admin = v["admin"]
+        .as_str()
+        .with_context(|| format!("{} has no admin address: {text}", path.display()))?;
+    Ok(format!("http://{admin}"))
+}
+
 /// Waits until `cond` returns `Some`, polling every 25 ms, up to `deadline`.
 ///
 /// # Errors
@@ -251,6 +266,7 @@ impl InProcessService {
         let config = posts_query::Config {
             nats_url: vec![nats_url.to_string()],
             listen: addr,
+            admin_listen: "127.0.0.1:0".parse()?,
             data_dir: data_dir.to_path_buf(),
             replicas: 1,
         };

@@ -22,6 +22,8 @@ mod cluster;
 mod consumer_kill;
 #[path = "chaos/failpoints.rs"]
 mod failpoints;
+#[path = "chaos/faults.rs"]
+mod faults;
 #[path = "chaos/nats_restart.rs"]
 mod nats_restart;
 #[path = "chaos/poison.rs"]
@@ -47,6 +49,16 @@ async fn query_service_sigkilled_at_random_moments() {
 )]
 async fn crashes_at_failpoints_in_projections_and_swaps() {
     support::run("failpoints", failpoints::scenario).await;
+}
+
+// Fault points, like failpoints, exist only in debug builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "fault points exist only in debug builds (run without --release)"
+)]
+async fn a_failing_store_neither_hangs_nor_freezes_the_others() {
+    support::run("faults", faults::scenario).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,3 +8,5 @@ mod command;
 mod query;
 #[path = "e2e/replay.rs"]
 mod replay;
+#[path = "e2e/hardening.rs"]
+mod hardening;

@@ -12,7 +12,7 @@ use axum::routing::{get, patch, post};
 use eventstore::{AppendError, ExecuteError, LoadError, Metadata};
 use posts::{Command, PostState, Rejection};
 use serde::{Deserialize, Serialize};
-use servicekit::{PathParam, Problem, parse_id};
+use servicekit::{PathParam, Problem, json_body, parse_id};
 use sha2::{Digest, Sha256};
 
 use crate::AppState;
@@ -34,19 +34,8 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
-        .layer(axum::middleware::map_response(close_after_unread_body))
+        .layer(axum::middleware::map_response(servicekit::close_after_unread_body))
         .with_state(state)
-}
-
-/// A 413 leaves the request body unread, so hyper drops the connection after
-/// answering. Say so: without `Connection: close` clients put the connection
-/// back in their pool and their next request fails on a dead socket.
-async fn close_after_unread_body(mut resp: Response) -> Response {
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -86,100 +75,6 @@ struct Ack {
     post_id: String,
     version: u64,
     seq: u64,
-}
-
-/// Reads and parses a JSON body: 415, 413 and 400 with a precise detail.
-async fn json_body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<T, Problem> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if essence != "application/json" {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            format!("Content-Type must be application/json, got {content_type:?}"),
-        ));
-    }
-    // No body is decompressed: a compressed one would only read as
-    // malformed JSON (RFC 9110 15.5.16: 415 for an unsupported coding).
-    for value in headers.get_all(header::CONTENT_ENCODING) {
-        let value = value.to_str().unwrap_or("?");
-        // A list, possibly over several header lines.
-        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            if !coding.eq_ignore_ascii_case("identity") {
-                return Err(Problem::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported-content-encoding",
-                    format!(
-                        "Content-Encoding {coding:?} is not supported; send the body uncompressed"
-                    ),
-                ));
-            }
-        }
-    }
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            format!("request body is over the {BODY_BYTES_MAX} byte limit"),
-        )
-    };
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|len| len > BODY_BYTES_MAX as u64)
-    {
-        return Err(too_large());
-    }
-    let bytes = axum::body::to_bytes(body, BODY_BYTES_MAX)
-        .await
-        .map_err(|e| {
-            let e = e.into_inner();
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-body",
-                    format!("the request body could not be read: {e}"),
-                )
-            }
-        })?;
-    // serde takes a struct from an array of its fields in order too; the
-    // contract is an object with named fields.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-body",
-            "invalid JSON body: an array where an object with named fields belongs",
-        ));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        let what = match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                "malformed JSON"
-            }
-            serde_json::error::Category::Data | serde_json::error::Category::Io => {
-                "invalid JSON body"
-            }
-        };
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-body",
-            format!("{what}: {e}"),
-        )
-    })
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Problem> {
@@ -349,7 +244,7 @@ async fn create(
 ) -> Result<Response, Problem> {
     let meta = metadata(&headers)?;
     let idem_key = header_str(&headers, "idempotency-key")?;
-    let body: CreateBody = json_body(&headers, body).await?;
+    let body: CreateBody = json_body(&headers, body, BODY_BYTES_MAX).await?;
     let command = Command::Create {
         title: body.title.clone(),
         content: body.content.clone(),
@@ -450,7 +345,7 @@ async fn update(
     let post_id = parse_id(&raw_id, "post")?;
     let expected = if_match(&headers)?;
     let meta = metadata(&headers)?;
-    let body: PatchBody = json_body(&headers, body).await?;
+    let body: PatchBody = json_body(&headers, body, BODY_BYTES_MAX).await?;
     let command = Command::Update {
         title: body.title,
         content: body.content,

@@ -37,7 +37,6 @@ pub fn app(state: AppState) -> Router {
         .route("/projections", get(projections))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .merge(crate::live::admin_routes())
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
         .with_state(state)

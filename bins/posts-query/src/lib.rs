@@ -8,7 +8,7 @@
 mod api;
 mod live;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -16,7 +16,7 @@ use anyhow::Context;
 use eventstore::{EventStore, StreamSpec, dlq_spec, provision};
 
 pub use api::app;
-pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE};
+pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE, admin_app};
 
 /// Query-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
@@ -36,6 +36,11 @@ pub struct Config {
     /// Address to serve HTTP on.
     #[arg(long, env = "QUERY_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
+    /// Address of the admin listener (the replay tool's swap protocol);
+    /// port 0 takes a free one, recorded in the data dir's service file.
+    /// Keep it on loopback: it is not authenticated.
+    #[arg(long, env = "QUERY_ADMIN_LISTEN", default_value = "127.0.0.1:0")]
+    pub admin_listen: SocketAddr,
     /// Where the projections' files live.
     #[arg(long, env = "QUERY_DATA_DIR", default_value = "./data/query")]
     pub data_dir: PathBuf,
@@ -61,9 +66,12 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
     provision(&js, &dlq_spec(config.replicas))
         .await
         .with_context(|| format!("{urls}: cannot use stream DLQ"))?;
-    let lock = DataDirLock::acquire(&config.data_dir, listen)
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let lock = DataDirLock::acquire(&config.data_dir, listen, admin.local_addr()?)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
-    AppState::open(store, lock, &config.data_dir)
+    AppState::open(store, lock, admin, &config.data_dir)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
@@ -92,14 +100,44 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "posts-query listening");
+    let admin = state
+        .inner
+        .admin_listener
+        .lock()
+        .ok()
+        .and_then(|mut g| g.take())
+        .context("the admin listener was taken already (run called twice?)")?;
+    let admin_addr = admin.local_addr()?;
+    tracing::info!(%addr, admin = %admin_addr, "posts-query listening");
     // Responses are single writes: no reason to let Nagle hold any back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let admin_server = tokio::spawn(
+        axum::serve(admin, admin_app(state.clone()))
+            .with_graceful_shutdown(admin_stop)
+            .into_future(),
+    );
+    let served = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    // The admin listener stops with the public one (a swap in flight runs
+    // to its end as a task of its own).
+    let _ = stop_rx;
+    if let Ok(Err(e)) = admin_server.await {
+        tracing::warn!(error = %e, "admin listener failed");
+    }
+    served?;
     state.stop().await;
     tracing::info!("posts-query stopped");
     Ok(())

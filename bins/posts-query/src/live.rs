@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use eventstore::EventStore;
-use posts_projections::rebuild::{self, Reader};
+use posts_projections::rebuild::{self, Reader, Shadow};
 use posts_projections::search::{self, SearchReader};
 use posts_projections::view::{self, ViewReader};
 use posts_projections::{POST_SEARCH, POST_VIEW, PROJECTIONS};
@@ -34,11 +34,12 @@ pub struct DataDirLock {
 }
 
 impl DataDirLock {
-    /// Takes the lock and records `listen` for the replay tool.
+    /// Takes the lock and records `listen` and the admin listener's `admin`
+    /// address for the replay tool.
     ///
     /// # Errors
     /// When another process holds the lock or the dir is not writable.
-    pub fn acquire(dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
+    pub fn acquire(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let file = File::options()
             .create(true)
@@ -51,7 +52,11 @@ impl DataDirLock {
                 dir.display()
             )
         })?;
-        let info = serde_json::json!({ "pid": std::process::id(), "listen": listen.to_string() });
+        let info = serde_json::json!({
+            "pid": std::process::id(),
+            "listen": listen.to_string(),
+            "admin": admin.to_string(),
+        });
         std::fs::write(dir.join(SERVICE_FILE), info.to_string())?;
         Ok(Self {
             _file: file,
@@ -81,6 +86,11 @@ pub(crate) struct Inner {
     pub statuses: Vec<Arc<Status>>,
     pub runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     pub rebuilds: std::sync::Mutex<HashMap<String, RebuildProgress>>,
+    /// Shadows handed out to replay tools and not yet swapped in, by id: the
+    /// only shadows a swap accepts (at most [`SHADOWS_HANDED_OUT_MAX`]).
+    shadows: std::sync::Mutex<Vec<Shadow>>,
+    /// The admin listener, bound at start and taken by `run`.
+    pub admin_listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
     _lock: DataDirLock,
 }
 
@@ -94,7 +104,12 @@ impl AppState {
     ///
     /// # Errors
     /// When a store cannot be opened.
-    pub fn open(store: EventStore, lock: DataDirLock, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(
+        store: EventStore,
+        lock: DataDirLock,
+        admin_listener: tokio::net::TcpListener,
+        data_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let view_path = data_dir.join(format!("{POST_VIEW}.redb"));
         let (view_p, view_r) = view::open(&view_path)
             .with_context(|| format!("cannot open {}", view_path.display()))?;
@@ -129,6 +144,8 @@ impl AppState {
                 statuses,
                 runners: tokio::sync::Mutex::new(runners),
                 rebuilds: std::sync::Mutex::new(HashMap::new()),
+                shadows: std::sync::Mutex::new(Vec::new()),
+                admin_listener: std::sync::Mutex::new(Some(admin_listener)),
                 _lock: lock,
             }),
         })
@@ -209,11 +226,65 @@ async fn reopen_live(state: &AppState, name: &str) -> anyhow::Result<Box<dyn Pro
     }
 }
 
-/// Admin routes of the replay protocol (see ARCHITECTURE.md, "Replay").
-pub(crate) fn admin_routes() -> axum::Router<AppState> {
+/// Shadows handed out and not yet swapped in, at most: a replay asks for
+/// one per projection; the oldest is dropped (and its directory removed)
+/// when a new one would pass this.
+const SHADOWS_HANDED_OUT_MAX: usize = 8;
+
+/// The admin listener's routes: the replay protocol (see ARCHITECTURE.md,
+/// "Replay"). Never on the public listener.
+pub fn admin_app(state: AppState) -> axum::Router {
     axum::Router::new()
+        .route("/admin/projections/{name}/shadows", post(new_shadow))
         .route("/admin/projections/{name}/progress", post(progress))
         .route("/admin/projections/{name}/swap", post(swap))
+        .fallback(servicekit::no_route)
+        .method_not_allowed_fallback(servicekit::method_not_allowed)
+        .layer(axum::middleware::map_response(
+            servicekit::close_after_unread_body,
+        ))
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct ShadowResponse {
+    /// The id to build into (`<data-dir>/.rebuild/<name>-<id>/`) and to swap.
+    shadow: String,
+}
+
+/// Makes an empty shadow directory for `name` and hands out its id.
+async fn new_shadow(
+    State(state): State<AppState>,
+    PathParam(name): PathParam,
+) -> Result<(StatusCode, Json<ShadowResponse>), Problem> {
+    known(&name)?;
+    let shadow = Shadow::create(&state.inner.data_dir, &name).map_err(internal)?;
+    let id = shadow.id().to_string();
+    let mut shadows = state.inner.shadows.lock().map_err(internal)?;
+    shadows.push(shadow);
+    if shadows.len() > SHADOWS_HANDED_OUT_MAX {
+        shadows.remove(0).remove();
+    }
+    Ok((StatusCode::CREATED, Json(ShadowResponse { shadow: id })))
+}
+
+/// Takes back the shadow `id` of `name`, if it was handed out.
+fn take_shadow(state: &AppState, name: &str, id: &str) -> Result<Shadow, Problem> {
+    let mut shadows = state.inner.shadows.lock().map_err(internal)?;
+    let at = shadows
+        .iter()
+        .position(|s| s.id() == id && s.name() == name)
+        .ok_or_else(|| {
+            // The id is not echoed: whatever a client sends, no path comes back.
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "unknown-shadow",
+                format!(
+                    "no shadow with that id was handed out for {name} (POST /admin/projections/{name}/shadows), or it was swapped in already"
+                ),
+            )
+        })?;
+    Ok(shadows.remove(at))
 }
 
 fn known(name: &str) -> Result<(), Problem> {
@@ -231,12 +302,18 @@ fn known(name: &str) -> Result<(), Problem> {
     }
 }
 
+/// Admin bodies are small: a progress report, a shadow id.
+const ADMIN_BODY_BYTES_MAX: usize = 4 * 1024;
+
 async fn progress(
     State(state): State<AppState>,
     PathParam(name): PathParam,
-    Json(report): Json<RebuildProgress>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<StatusCode, Problem> {
     known(&name)?;
+    let report: RebuildProgress =
+        servicekit::json_body(&headers, body, ADMIN_BODY_BYTES_MAX).await?;
     if let Ok(mut g) = state.inner.rebuilds.lock() {
         g.insert(name, report);
     }
@@ -244,9 +321,10 @@ async fn progress(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SwapRequest {
-    /// The shadow store, inside `<data-dir>/.rebuild/`.
-    path: PathBuf,
+    /// A shadow id this service handed out for the projection.
+    shadow: String,
     verify: bool,
 }
 
@@ -268,8 +346,10 @@ fn internal(e: impl std::fmt::Display) -> Problem {
 async fn swap(
     State(state): State<AppState>,
     PathParam(name): PathParam,
-    Json(req): Json<SwapRequest>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Json<SwapResponse>, Problem> {
+    let req: SwapRequest = servicekit::json_body(&headers, body, ADMIN_BODY_BYTES_MAX).await?;
     tokio::spawn(swap_to_completion(state, name, req))
         .await
         .map_err(internal)?
@@ -286,28 +366,7 @@ async fn swap_to_completion(
 ) -> Result<Json<SwapResponse>, Problem> {
     known(&name)?;
     let data_dir = state.inner.data_dir.clone();
-    let rebuild_root = data_dir
-        .join(rebuild::REBUILD_DIR)
-        .canonicalize()
-        .map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-shadow",
-                "no rebuild directory in the data dir",
-            )
-        })?;
-    let shadow = req
-        .path
-        .canonicalize()
-        .ok()
-        .filter(|p| p.starts_with(&rebuild_root))
-        .ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-shadow",
-                format!("shadow path must be inside {}", rebuild_root.display()),
-            )
-        })?;
+    let shadow = take_shadow(&state, &name, &req.shadow)?;
     let status = state.status(&name).ok_or_else(|| internal("no status"))?;
     let store = state.inner.store.clone();
     let feed = state.inner.feed.clone();
@@ -323,15 +382,17 @@ async fn swap_to_completion(
         );
     };
     let (new_p, new_reader) = {
-        let (n, s) = (name.clone(), shadow.clone());
+        let (n, s) = (name.clone(), shadow.store_path());
         match tokio::task::spawn_blocking(move || rebuild::open(&n, &s, false)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 restart(live, &mut runners);
+                // The cause names files: it goes to the log, not to the client.
+                tracing::warn!(projection = name, error = format!("{e:#}"), "cannot open a shadow");
                 return Err(Problem::new(
-                    StatusCode::BAD_REQUEST,
+                    StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid-shadow",
-                    format!("cannot open shadow: {e:#}"),
+                    format!("the shadow of {name} holds no store this service can open; the cause is in the service log"),
                 ));
             }
             Err(e) => {
@@ -384,8 +445,8 @@ async fn swap_to_completion(
         // disturb: install first, keep the shadow's handles, then close the
         // old store (its readers finish on the unlinked file).
         POST_VIEW => {
-            let (n, s, d) = (name.clone(), shadow.clone(), data_dir.clone());
-            match tokio::task::spawn_blocking(move || rebuild::install(&n, &s, &d))
+            let (s, d) = (shadow.clone(), data_dir.clone());
+            match tokio::task::spawn_blocking(move || rebuild::install(&s, &d))
                 .await
                 .map_err(internal)?
             {
@@ -408,7 +469,7 @@ async fn swap_to_completion(
             drop(new_reader);
             let (n, s, d) = (name.clone(), shadow.clone(), data_dir.clone());
             let (installed, reopened) = tokio::task::spawn_blocking(move || {
-                let installed = rebuild::install(&n, &s, &d);
+                let installed = rebuild::install(&s, &d);
                 // Installed or not, the live path holds a complete index.
                 (
                     installed,
@@ -419,7 +480,18 @@ async fn swap_to_completion(
             .map_err(internal)?;
             match (installed, reopened) {
                 (Ok(()), Ok(v)) => Ok(v),
-                (Err(e), Ok((p, _))) => {
+                (Err(e), Ok((p, reader))) => {
+                    // The exchange may have happened: whichever index the
+                    // live path holds now, reads and the runner both use it.
+                    if let Reader::Search(r) = reader {
+                        *state
+                            .inner
+                            .search
+                            .write()
+                            .map_err(|_| internal("poisoned"))? = r;
+                    }
+                    status.reset_visible(p.visible());
+                    status.set_parked_total(p.parked_total());
                     restart(p, &mut runners);
                     return Err(internal(e));
                 }

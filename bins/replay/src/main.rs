@@ -76,7 +76,8 @@ struct Outcome {
 enum Mode {
     /// No service: we hold its lock and work on the files.
     Offline(#[allow(dead_code, reason = "held for its lock")] File),
-    /// A service runs at this address and swaps on request.
+    /// A service runs with its admin listener at this address and swaps on
+    /// request.
     Online(String),
 }
 
@@ -186,6 +187,7 @@ fn lock(path: &Path) -> anyhow::Result<File> {
     Ok(f)
 }
 
+/// The admin listener of the `posts-query` that holds `data_dir`.
 fn service_address(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join(posts_query::SERVICE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -196,10 +198,48 @@ fn service_address(data_dir: &Path) -> anyhow::Result<String> {
         )
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    v["listen"]
+    v["admin"]
         .as_str()
-        .map(|s| s.replace("0.0.0.0", "127.0.0.1"))
-        .ok_or_else(|| anyhow::anyhow!("{} has no listen address", path.display()))
+        .map(|s| s.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no admin address: is that posts-query older than this replay?",
+                path.display()
+            )
+        })
+}
+
+/// A shadow for `name`: made here when working offline, else asked of the
+/// running service, which only swaps in shadows it handed out.
+async fn shadow_for(
+    name: &str,
+    data_dir: &Path,
+    mode: &Mode,
+    http: &reqwest::Client,
+) -> anyhow::Result<rebuild::Shadow> {
+    let addr = match mode {
+        Mode::Offline(_) => {
+            return rebuild::Shadow::create(data_dir, name)
+                .with_context(|| format!("cannot create a shadow in {}", data_dir.display()));
+        }
+        Mode::Online(addr) => addr,
+    };
+    let resp = http
+        .post(format!("http://{addr}/admin/projections/{name}/shadows"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("posts-query's admin listener at {addr} did not answer"))?;
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let Some(id) = body["shadow"].as_str().filter(|_| code.is_success()) else {
+        bail!(
+            "{name}: posts-query gave no shadow ({code}): {}",
+            body["detail"].as_str().unwrap_or("no detail")
+        );
+    };
+    rebuild::Shadow::handed_out(data_dir, name, id)
+        .with_context(|| format!("{name}: the shadow posts-query handed out"))
 }
 
 async fn replay_one(
@@ -224,8 +264,8 @@ async fn replay_one(
     ));
     let started = Instant::now();
     let built = async {
-        let (path, p, reader) =
-            rebuild::build_shadow(name, &args.data_dir, store, target, status.clone()).await?;
+        let shadow = shadow_for(name, &args.data_dir, mode, &http).await?;
+        let (p, reader) = rebuild::build_shadow(&shadow, store, target, status.clone()).await?;
         // Every event is in; the bar would sit at 100% through the merge.
         compacting.store(true, std::sync::atomic::Ordering::Relaxed);
         if !std::io::stderr().is_terminal() {
@@ -238,12 +278,12 @@ async fn replay_one(
             secs = compact_started.elapsed().as_secs_f64(),
             "shadow compacted"
         );
-        anyhow::Ok((path, p, reader))
+        anyhow::Ok((shadow, p, reader))
     }
     .await;
     let seconds = started.elapsed().as_secs_f64();
     progress.abort();
-    let (shadow_path, shadow, shadow_reader) = built?;
+    let (shadow_dir, shadow, shadow_reader) = built?;
     let events = shadow.checkpoint();
     let mut outcome = Outcome {
         name: name.to_string(),
@@ -282,8 +322,8 @@ async fn replay_one(
                 }
             }
             drop((live, live_reader, shadow, shadow_reader));
-            rebuild::install(name, &shadow_path, &args.data_dir)
-                .with_context(|| format!("cannot install {}", shadow_path.display()))?;
+            rebuild::install(&shadow_dir, &args.data_dir)
+                .with_context(|| format!("cannot install the rebuilt {name}"))?;
         }
         Mode::Online(addr) => {
             // Close our handles: the service opens the shadow itself.
@@ -291,7 +331,7 @@ async fn replay_one(
             let resp = http
                 .post(format!("http://{addr}/admin/projections/{name}/swap"))
                 .timeout(SWAP_TIMEOUT)
-                .json(&json!({ "path": shadow_path, "verify": args.verify }))
+                .json(&json!({ "shadow": shadow_dir.id(), "verify": args.verify }))
                 .send()
                 .await
                 .with_context(|| format!("posts-query at {addr} did not take the swap"))?;

@@ -15,7 +15,7 @@
 mod runner;
 mod status;
 
-pub use runner::{Feed, Runner, RunnerOptions, drain_to, follower_config};
+pub use runner::{DrainError, Feed, Runner, RunnerOptions, drain_to, follower_config};
 pub use status::{ProjectionState, RebuildProgress, Status, StatusSnapshot};
 
 use eventstore::{EnvelopeError, RecordedEvent};

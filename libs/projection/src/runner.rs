@@ -318,29 +318,62 @@ impl Runner {
     }
 }
 
+/// How long [`drain_to`] lets its projection stay halted (faulting again
+/// on every retry, as a full disk does) before it gives up: a replay then
+/// fails with the fault instead of waiting forever.
+const DRAIN_HALTED_MAX: Duration = Duration::from_secs(10);
+
+/// Why [`drain_to`] did not reach its target.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("projection runner died (apply panicked)")]
+    RunnerDied,
+    #[error("projection halted for {0:?} at sequence {1}: {2}")]
+    Halted(Duration, u64, String),
+}
+
 /// Runs `projection` until its visible checkpoint reaches `target_seq`
 /// exactly (nothing past it is applied), then stops and returns it. Used to
 /// rebuild and to align two stores on one checkpoint.
 ///
 /// # Errors
-/// When the runner dies before reaching the target.
+/// When the runner dies before reaching the target, or stays halted on a
+/// fault for [`DRAIN_HALTED_MAX`].
 pub async fn drain_to(
     projection: Box<dyn Projection>,
     store: EventStore,
     status: Arc<Status>,
     mut options: RunnerOptions,
     target_seq: u64,
-) -> Result<Box<dyn Projection>, String> {
+) -> Result<Box<dyn Projection>, DrainError> {
     if projection.visible() >= target_seq {
         return Ok(projection);
     }
     options.stop_at = Some(target_seq);
-    let runner = Runner::start(projection, store, status.clone(), options);
-    status.wait_visible(target_seq, Duration::MAX).await;
-    runner
-        .stop()
-        .await
-        .ok_or_else(|| "projection runner died".to_string())
+    let mut runner = Runner::start(projection, store, status.clone(), options);
+    let mut halted_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            reached = status.wait_visible(target_seq, Duration::from_millis(100)) => {
+                if reached {
+                    break;
+                }
+            }
+            // The runner ends only when stopped, or when it panicked.
+            _ = &mut runner.handle => return Err(DrainError::RunnerDied),
+        }
+        if status.state() == ProjectionState::Halted {
+            let since = *halted_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= DRAIN_HALTED_MAX {
+                let error = status.last_error().unwrap_or_default();
+                let _ = runner.stop().await;
+                return Err(DrainError::Halted(DRAIN_HALTED_MAX, status.visible(), error));
+            }
+        } else {
+            halted_since = None;
+        }
+    }
+    runner.stop().await.ok_or(DrainError::RunnerDied)
 }
 
 async fn supervise(
@@ -356,7 +389,16 @@ async fn supervise(
     let mut undelivered: Vec<Parked> = Vec::new();
     let mut stats = CatchUpStats::new();
     reconcile_dlq(&store, &name, projection.parked_recent(), &mut undelivered).await;
+    // After its first fault the runner reads from a feed of its own: resuming
+    // from its checkpoint on the shared feed would rewind it, and every
+    // healthy projection would receive again what it had applied.
+    let mut own_feed: Option<Feed> = None;
+    let mut restarts = 0_u64;
     'restart: loop {
+        if restarts > 0 && own_feed.is_none() {
+            own_feed = Some(Feed::start(store.clone(), &options, &name));
+        }
+        restarts += 1;
         let from = projection.checkpoint() + 1;
         status.set_visible(projection.visible());
         status.set_applied(projection.checkpoint());
@@ -364,7 +406,12 @@ async fn supervise(
         if projection.visible() >= head {
             status.mark_caught_up();
         }
-        let mut rx = feed.subscribe(from, options.batches_ahead_max);
+        // Dropped before every backoff: a runner sleeping on a fault must not
+        // hold the feed back (it blocks on a subscriber whose queue is full).
+        let mut rx = own_feed
+            .as_ref()
+            .unwrap_or(&feed)
+            .subscribe(from, options.batches_ahead_max);
         // First sequence not yet handed to the projection: a shared feed may
         // re-send what this runner already applied when another rewinds it.
         let mut next_seq = from;
@@ -378,14 +425,34 @@ async fn supervise(
         loop {
             let next = tokio::select! {
                 biased;
-                _ = stop.changed() => None,
+                _ = stop.wait_for(|stopped| *stopped) => None,
                 b = tokio::time::timeout(IDLE_FLUSH, rx.recv()) => Some(b),
             };
             let batch = match next {
                 None => {
-                    let (p, res) = run_blocking(projection, |p| p.flush()).await?;
-                    if let Err(e) = res {
-                        tracing::warn!(projection = name, error = %e, "flush at stop failed");
+                    // A flush that fails leaves applied events that are not
+                    // durable: drop them (back to the checkpoint), so that the
+                    // store handed back resumes from what it holds.
+                    let (p, res) = run_blocking(projection, |p| {
+                        match p.flush() {
+                            Ok(()) => Ok(Ok(())),
+                            Err(e) => p.recover().map(|()| Err(e)),
+                        }
+                    })
+                    .await?;
+                    match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(
+                            projection = name,
+                            error = %e,
+                            checkpoint = p.checkpoint(),
+                            "flush at stop failed; what it held is re-applied from the stream at the next start"
+                        ),
+                        Err(e) => tracing::error!(
+                            projection = name,
+                            error = %e,
+                            "flush at stop failed, and so did dropping what it held"
+                        ),
                     }
                     status.set_visible(p.visible());
                     return Some(p);
@@ -409,6 +476,7 @@ async fn supervise(
                             Ok(clean) => dirty = !clean,
                             Err(e) => {
                                 fault(&status, &name, &e.0);
+                                drop(rx);
                                 projection =
                                     recover(projection, &status, &name, &mut backoff, &mut stop)
                                         .await?;
@@ -422,6 +490,7 @@ async fn supervise(
                 Some(Ok(None)) => {
                     // The fetch task only ends when aborted; treat as a fault.
                     fault(&status, &name, "stream follower ended");
+                    drop(rx);
                     projection =
                         recover(projection, &status, &name, &mut backoff, &mut stop).await?;
                     continue 'restart;
@@ -516,6 +585,7 @@ async fn supervise(
                             Ok(clean) => dirty = !clean,
                             Err(e) => {
                                 fault(&status, &name, &e.0);
+                                drop(rx);
                                 projection =
                                     recover(projection, &status, &name, &mut backoff, &mut stop)
                                         .await?;
@@ -526,6 +596,7 @@ async fn supervise(
                 }
                 Err(e) => {
                     fault(&status, &name, &e.0);
+                    drop(rx);
                     projection =
                         recover(projection, &status, &name, &mut backoff, &mut stop).await?;
                     continue 'restart;
@@ -637,8 +708,11 @@ async fn recover(
     backoff: &mut Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Box<dyn Projection>> {
+    // `wait_for`, not `changed`: a stop asked for during the backoff must
+    // still be seen by the caller's next wait, which `changed` would have
+    // consumed (and `Runner::stop` then waited forever).
     tokio::select! {
-        _ = stop.changed() => {},
+        _ = stop.wait_for(|stopped| *stopped) => {},
         () = tokio::time::sleep(*backoff) => {},
     }
     *backoff = (*backoff * 2).min(BACKOFF_MAX);
@@ -1169,6 +1243,151 @@ mod tests {
             pending.push(b.pending_after);
         }
         (seqs, pending)
+    }
+
+    /// A projection that keeps no store: it applies by moving its
+    /// checkpoint, or fails every batch (a disk that stays full) while
+    /// `failing` is set.
+    struct Fake {
+        name: &'static str,
+        checkpoint: u64,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        attempts: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Fake {
+        fn boxed(name: &'static str, failing: bool) -> (Box<dyn Projection>, Arc<std::sync::atomic::AtomicU64>) {
+            let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let fake = Self {
+                name,
+                checkpoint: 0,
+                failing: Arc::new(std::sync::atomic::AtomicBool::new(failing)),
+                attempts: attempts.clone(),
+            };
+            (Box::new(fake), attempts)
+        }
+    }
+
+    impl Projection for Fake {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn checkpoint(&self) -> u64 {
+            self.checkpoint
+        }
+        fn visible(&self) -> u64 {
+            self.checkpoint
+        }
+        fn apply_batch(
+            &mut self,
+            batch: &[&Incoming],
+        ) -> Result<Vec<Parked>, crate::ProjectionError> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(crate::ProjectionError::new("simulated disk full"));
+            }
+            if let Some(last) = batch.last() {
+                self.checkpoint = last.seq;
+            }
+            Ok(Vec::new())
+        }
+        fn flush(&mut self) -> Result<(), crate::ProjectionError> {
+            Ok(())
+        }
+        fn recover(&mut self) -> Result<(), crate::ProjectionError> {
+            Ok(())
+        }
+        fn parked_total(&self) -> u64 {
+            0
+        }
+        fn parked_recent(&self) -> Vec<Parked> {
+            Vec::new()
+        }
+    }
+
+    async fn wait_attempts(attempts: &std::sync::atomic::AtomicU64, n: u64) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while attempts.load(std::sync::atomic::Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the failing projection was not retried");
+    }
+
+    /// Finding 2: the backoff after a fault consumed the stop signal, and
+    /// `Runner::stop` then waited forever.
+    #[tokio::test]
+    async fn a_stop_during_a_fault_backoff_ends_the_runner() {
+        let nats = NatsServer::start().unwrap();
+        let store = EventStore::connect(&[nats.url()], "stop-test", &StreamSpec::posts(1))
+            .await
+            .unwrap();
+        publish(store.jetstream(), "posts.", 5).await;
+        let (p, attempts) = Fake::boxed("failing", true);
+        let status = Status::new("failing", 0, 0);
+        let runner = Runner::start(p, store, status.clone(), RunnerOptions::live());
+        // Four faults: the backoff is 400 ms now, where the stop lands.
+        wait_attempts(&attempts, 4).await;
+        assert_eq!(status.state(), ProjectionState::Halted);
+        let stopped = tokio::time::timeout(Duration::from_secs(10), runner.stop())
+            .await
+            .expect("Runner::stop hung on a projection in its fault backoff");
+        assert_eq!(stopped.map(|p| p.checkpoint()), Some(0));
+    }
+
+    /// Finding 2: `drain_to` waited with no bound on a projection that could
+    /// never reach its target, and a replay hung.
+    #[tokio::test]
+    async fn a_drain_that_stays_halted_gives_up_with_the_fault() {
+        let nats = NatsServer::start().unwrap();
+        let store = EventStore::connect(&[nats.url()], "drain-test", &StreamSpec::posts(1))
+            .await
+            .unwrap();
+        publish(store.jetstream(), "posts.", 5).await;
+        let (p, _) = Fake::boxed("failing", true);
+        let status = Status::new("failing", 0, 0);
+        let drained = tokio::time::timeout(
+            DRAIN_HALTED_MAX * 3,
+            drain_to(p, store, status, RunnerOptions::replay(), 5),
+        )
+        .await
+        .expect("drain_to hung on a halted projection");
+        let e = drained.err().expect("a halted drain is an error");
+        assert!(e.to_string().contains("simulated disk full"), "{e}");
+    }
+
+    /// Finding 3: a runner sleeping on a fault held its queue of the shared
+    /// feed, which then blocked every other projection; each retry rewound
+    /// the feed for everyone.
+    #[tokio::test]
+    async fn a_faulting_projection_does_not_hold_back_the_others() {
+        const EVENTS: u64 = 120;
+        let nats = NatsServer::start().unwrap();
+        let store = EventStore::connect(&[nats.url()], "freeze-test", &StreamSpec::posts(1))
+            .await
+            .unwrap();
+        let options = RunnerOptions::live();
+        let feed = Feed::start(store.clone(), &options, "freeze-test");
+        let (bad, attempts) = Fake::boxed("failing", true);
+        let (good, _) = Fake::boxed("healthy", false);
+        let bad_status = Status::new("failing", 0, 0);
+        let good_status = Status::new("healthy", 0, 0);
+        let _bad = Runner::start_on(bad, &feed, bad_status, options.clone());
+        let _good = Runner::start_on(good, &feed, good_status.clone(), options);
+        publish(store.jetstream(), "posts.", 1).await;
+        // Faults enough for a backoff past a second.
+        wait_attempts(&attempts, 7).await;
+        // One event at a time: each its own batch, far more than a queue holds.
+        for seq in 2..=EVENTS {
+            publish(store.jetstream(), "posts.", 1).await;
+            assert!(
+                good_status.wait_visible(seq, Duration::from_secs(1)).await,
+                "the healthy projection stalled at {} of {seq}",
+                good_status.visible()
+            );
+        }
     }
 
     #[tokio::test]

@@ -153,6 +153,11 @@ impl Status {
     }
 
     #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    #[must_use]
     pub fn snapshot(&self) -> StatusSnapshot {
         StatusSnapshot {
             name: self.name.clone(),
@@ -161,7 +166,7 @@ impl Status {
             state: self.state(),
             parked: self.parked_total(),
             caught_up_once: self.caught_up_once(),
-            last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
+            last_error: self.last_error(),
         }
     }
 }

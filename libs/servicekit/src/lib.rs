@@ -7,7 +7,8 @@
 //! assert_eq!(p.status.as_u16(), 404);
 //! ```
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -85,6 +86,123 @@ impl IntoResponse for Problem {
         }
         resp
     }
+}
+
+/// Reads and parses a JSON body of at most `bytes_max` bytes: 415, 413 and
+/// 400 with a precise detail.
+///
+/// # Errors
+/// The problem document to answer with.
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    bytes_max: usize,
+) -> Result<T, Problem> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/json" {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!("Content-Type must be application/json, got {content_type:?}"),
+        ));
+    }
+    // No body is decompressed: a compressed one would only read as
+    // malformed JSON (RFC 9110 15.5.16: 415 for an unsupported coding).
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value.to_str().unwrap_or("?");
+        // A list, possibly over several header lines.
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("identity") {
+                return Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-content-encoding",
+                    format!(
+                        "Content-Encoding {coding:?} is not supported; send the body uncompressed"
+                    ),
+                ));
+            }
+        }
+    }
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("request body is over the {bytes_max} byte limit"),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > bytes_max as u64)
+    {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, bytes_max)
+        .await
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-body",
+                    format!("the request body could not be read: {e}"),
+                )
+            }
+        })?;
+    // serde takes a struct from an array of its fields in order too; the
+    // contract is an object with named fields.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "invalid JSON body: an array where an object with named fields belongs",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "malformed JSON"
+            }
+            serde_json::error::Category::Data | serde_json::error::Category::Io => {
+                "invalid JSON body"
+            }
+        };
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            format!("{what}: {e}"),
+        )
+    })
+}
+
+/// A refusal that may not have read the request body (413; 415 and a 400
+/// for a header or an id, refused before the body was read) makes hyper
+/// drop the connection after answering. Say so: without `Connection: close`
+/// clients put the connection back in their pool and their next request
+/// fails on a dead socket. A 400 whose body was read closes too: bad input
+/// is rare, and one reconnection is all it costs. Use as
+/// `map_response(close_after_unread_body)`.
+pub async fn close_after_unread_body(mut resp: Response) -> Response {
+    if matches!(
+        resp.status(),
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE
+    ) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Parses an aggregate id from a path: a UUID, returned in canonical

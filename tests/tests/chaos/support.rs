@@ -545,6 +545,27 @@ pub async fn spawn_query(
     .await
 }
 
+/// Spawns a `posts-query` process on `data_dir` with a fault point armed
+/// (`POSTS_FAILPOINT=point@file`: it fails while the file exists).
+///
+/// # Errors
+/// When it does not start.
+pub async fn spawn_query_failing(
+    nats_urls: &str,
+    data_dir: &Path,
+    fault_point: &str,
+) -> anyhow::Result<Service> {
+    let urls = nats_urls.to_string();
+    let dir = data_dir.to_path_buf();
+    Service::spawn(
+        "posts-query",
+        move |port| query_args(&urls, &dir, 1, port),
+        &[(FAILPOINT_ENV.to_string(), fault_point.to_string())],
+        PORT_ATTEMPTS_MAX,
+    )
+    .await
+}
+
 /// Spawns a `posts-query` with a failpoint armed and without waiting for it:
 /// it may die before it ever listens.
 ///

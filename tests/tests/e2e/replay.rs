@@ -614,9 +614,12 @@ async fn swap_abandoned_by_its_client_leaves_the_projection_following() -> TestR
     // An empty shadow: the service must align it from sequence 1 to the live
     // checkpoint before installing it, which takes a while and reads the
     // stream through a consumer of its own.
-    let shadow_dir = posts_projections::rebuild::new_shadow_dir(data.path(), "post-view")?;
-    let shadow = posts_projections::rebuild::store_in(&shadow_dir, "post-view");
-    let path = shadow.clone();
+    let admin = e2e_tests::admin_url(data.path())?;
+    let handed = Reply::of(http.post(format!("{admin}/admin/projections/post-view/shadows"))).await?;
+    assert_eq!(handed.status, 201, "{handed:?}");
+    let id = handed.json()["shadow"].as_str().expect("a shadow id").to_string();
+    let shadow = posts_projections::rebuild::Shadow::handed_out(data.path(), "post-view", &id)?;
+    let path = shadow.store_path();
     tokio::task::spawn_blocking(move || posts_projections::view::open(&path).map(drop)).await??;
     let stream = reader.stream().await?;
     let consumers = || async {
@@ -629,8 +632,8 @@ async fn swap_abandoned_by_its_client_leaves_the_projection_following() -> TestR
     };
     let before = consumers().await.expect("consumer names");
     let swap = tokio::spawn(
-        http.post(format!("{base}/admin/projections/post-view/swap"))
-            .json(&json!({"path": shadow, "verify": true}))
+        http.post(format!("{admin}/admin/projections/post-view/swap"))
+            .json(&json!({"shadow": id, "verify": true}))
             .send(),
     );
     wait_for(
