@@ -45,6 +45,19 @@ pub fn subject_for(post_id: &str) -> String {
     format!("posts.{post_id}")
 }
 
+/// Creates streams `POSTS` and `DLQ` as `posts-command` does at start-up:
+/// a query service only waits for them.
+///
+/// # Errors
+/// When NATS cannot be reached or refuses.
+pub async fn provision_streams(nats_url: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client);
+    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    eventstore::provision(&js, &eventstore::dlq_spec(1)).await?;
+    Ok(())
+}
+
 /// The admin listener of the `posts-query` running on `data_dir`, as
 /// `http://host:port`, from the service file it writes there.
 ///
@@ -242,12 +255,25 @@ impl InProcessService {
     /// # Errors
     /// When the start-up checks fail or no port can be bound.
     pub async fn start_command(nats_url: &str) -> anyhow::Result<Self> {
+        Self::start_command_with_budget(nats_url, eventstore::STREAM_MAX_BYTES_DEFAULT).await
+    }
+
+    /// [`InProcessService::start_command`] with stream `POSTS`'s byte budget
+    /// set to `stream_max_bytes`.
+    ///
+    /// # Errors
+    /// As for [`InProcessService::start_command`].
+    pub async fn start_command_with_budget(
+        nats_url: &str,
+        stream_max_bytes: i64,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let config = posts_command::Config {
             nats_url: vec![nats_url.to_string()],
             listen: addr,
             replicas: 1,
+            stream_max_bytes,
         };
         let state = posts_command::connect(&config).await?;
         Ok(Self::spawn(addr, |stop| {
@@ -261,6 +287,7 @@ impl InProcessService {
     /// # Errors
     /// When the start-up checks fail or no port can be bound.
     pub async fn start_query(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        provision_streams(nats_url).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let config = posts_query::Config {
@@ -971,6 +998,7 @@ pub async fn spawn_query_process(
     nats_url: &str,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<(testkit::ServiceProcess, String)> {
+    provision_streams(nats_url).await?;
     let http = http_client_with_timeout(Duration::from_secs(5));
     let mut last = None;
     for _ in 0..PORT_RACE_RETRIES_MAX {

@@ -4,9 +4,9 @@
 
 #[path = "e2e/command.rs"]
 mod command;
+#[path = "e2e/hardening.rs"]
+mod hardening;
 #[path = "e2e/query.rs"]
 mod query;
 #[path = "e2e/replay.rs"]
 mod replay;
-#[path = "e2e/hardening.rs"]
-mod hardening;

@@ -34,7 +34,9 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
-        .layer(axum::middleware::map_response(servicekit::close_after_unread_body))
+        .layer(axum::middleware::map_response(
+            servicekit::close_after_unread_body,
+        ))
         .with_state(state)
 }
 
@@ -130,6 +132,7 @@ fn metadata(headers: &HeaderMap) -> Result<Metadata, Problem> {
     Ok(Metadata {
         correlation_id,
         causation_id: uuid::Uuid::now_v7().to_string(),
+        event_id: None,
     })
 }
 
@@ -194,6 +197,10 @@ fn execute_problem(e: ExecuteError<Rejection>, post_id: &str) -> Problem {
             "rejected-by-store",
             format!("the event store refused the event: {why}"),
         ),
+        ExecuteError::Append(AppendError::StorageFull(why)) => {
+            tracing::warn!(post_id, error = %why, "stream byte budget full");
+            storage_full_problem()
+        }
         ExecuteError::Append(AppendError::Conflict { .. }) => Problem::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -213,6 +220,16 @@ fn execute_problem(e: ExecuteError<Rejection>, post_id: &str) -> Problem {
     }
 }
 
+/// 507: the byte budget of the stream (or of the idempotency bucket) is used up.
+fn storage_full_problem() -> Problem {
+    Problem::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "storage-full",
+        "the event store's byte budget is full; nothing was stored. An operator raises it \
+         (posts-command --stream-max-bytes) or frees space",
+    )
+}
+
 fn ack_response(status: StatusCode, ack: &Ack, meta: &Metadata, location: bool) -> Response {
     let mut resp = (status, axum::Json(ack)).into_response();
     let h = resp.headers_mut();
@@ -228,21 +245,41 @@ fn ack_response(status: StatusCode, ack: &Ack, meta: &Metadata, location: bool) 
     resp
 }
 
-fn body_sha256(body: &CreateBody) -> String {
+/// SHA-256 of the create as it will be stored: the event `decide` made of
+/// the body, encoded. Two bodies that normalise alike (surrounding blanks of
+/// a title, say) hash alike, as the same create should.
+fn body_sha256(event: &posts::Event) -> String {
+    let (event_type, schema, payload) = posts::encode(event);
     let mut h = Sha256::new();
-    for field in [&body.title, &body.content, &body.author_name] {
-        h.update((field.len() as u64).to_le_bytes());
-        h.update(field.as_bytes());
-    }
-    idempotency::hex(&h.finalize())
+    h.update(event_type.as_bytes());
+    h.update(schema.to_le_bytes());
+    h.update(&payload);
+    eventstore::hex(&h.finalize())
 }
+
+/// Who sends a command, for scoping its `Idempotency-Key`: the `Actor` the
+/// gateway sets from the token's `sub`; empty for a direct call without one.
+fn caller(headers: &HeaderMap) -> Result<String, Problem> {
+    match header_str(headers, "actor")? {
+        None => Ok(String::new()),
+        Some(v) if v.len() <= ACTOR_BYTES_MAX => Ok(v.to_string()),
+        Some(_) => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-header",
+            format!("Actor must be at most {ACTOR_BYTES_MAX} bytes"),
+        )),
+    }
+}
+
+/// Longest `Actor` header: a token's `sub`.
+const ACTOR_BYTES_MAX: usize = 255;
 
 async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let meta = metadata(&headers)?;
+    let mut meta = metadata(&headers)?;
     let idem_key = header_str(&headers, "idempotency-key")?;
     let body: CreateBody = json_body(&headers, body, BODY_BYTES_MAX).await?;
     let command = Command::Create {
@@ -251,7 +288,8 @@ async fn create(
         author_name: body.author_name.clone(),
     };
     // Validate before reserving a key, so a bad body never burns one.
-    posts::decide(&PostState::Absent, &command).map_err(|r| rejection_problem(&r, "new"))?;
+    let decided =
+        posts::decide(&PostState::Absent, &command).map_err(|r| rejection_problem(&r, "new"))?;
 
     let (post_id, replay_allowed) = match idem_key {
         None => (uuid::Uuid::now_v7().to_string(), false),
@@ -266,14 +304,14 @@ async fn create(
                     ),
                 ));
             }
+            let scoped = idempotency::key_for("POST /posts", &caller(&headers)?, key);
             let candidate = Reservation {
                 post_id: uuid::Uuid::now_v7().to_string(),
-                body_sha256: body_sha256(&body),
+                body_sha256: decided.first().map(body_sha256).unwrap_or_default(),
             };
             let want = candidate.body_sha256.clone();
-            match idempotency::reserve(state.idempotency(), &idempotency::key_for(key), candidate)
-                .await
-            {
+            meta.event_id = Some(idempotency::event_id_for(&scoped));
+            match idempotency::reserve(state.idempotency(), &scoped, candidate).await {
                 Ok(Reserve::Fresh(id)) => (id, true),
                 Ok(Reserve::Existing(r)) if r.body_sha256 == want => (r.post_id, true),
                 Ok(Reserve::Existing(_)) => {
@@ -282,6 +320,10 @@ async fn create(
                         "idempotency-key-reused",
                         "Idempotency-Key was already used with a different body",
                     ));
+                }
+                Err(why) if eventstore::is_storage_full(&why) => {
+                    tracing::warn!(error = %why, "idempotency bucket full");
+                    return Err(storage_full_problem());
                 }
                 Err(why) => {
                     tracing::warn!(error = %why, "idempotency bucket unavailable");

@@ -14,6 +14,13 @@ pub const BUCKET: &str = "POSTS_IDEMPOTENCY";
 const KEY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest accepted `Idempotency-Key`, in bytes.
 pub const KEY_BYTES_MAX: usize = 255;
+/// The bucket's byte budget: a reservation takes ~250 bytes with its
+/// overhead, so about a million keys a day; past it creates with a key
+/// answer 507, and creates without one go on.
+const BUCKET_MAX_BYTES: i64 = 256 * 1024 * 1024;
+/// Namespace of the name-based event ids of keyed creates (UUIDv5).
+const EVENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x8f1d_2b6c_4e0a_5f3b_9c7d_1a2e_3b4c_5d6e);
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reservation {
@@ -34,7 +41,7 @@ pub async fn open_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::Re
             // Only the reservation matters, never its history.
             history: 1,
             max_age: KEY_TTL,
-            max_bytes: -1,
+            max_bytes: BUCKET_MAX_BYTES,
             storage: jetstream::stream::StorageType::File,
             num_replicas: replicas,
             republish: None,
@@ -48,12 +55,25 @@ pub async fn open_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::Re
         .await?)
 }
 
-pub fn key_for(idempotency_key: &str) -> String {
-    hex(&Sha256::digest(idempotency_key.as_bytes()))
+/// The bucket key of a client's `Idempotency-Key`, scoped by route and by
+/// caller: two callers that pick the same key never meet. `caller` is the
+/// `Actor` the gateway sets from the token's `sub` (empty without one).
+#[must_use]
+pub fn key_for(route: &str, caller: &str, idempotency_key: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [route, caller, idempotency_key] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    eventstore::hex(&h.finalize())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The event id (`Nats-Msg-Id`) of the create a scoped key makes: a
+/// name-based UUID, so a second append of it inside the stream's duplicate
+/// window is refused by the stream itself, whatever the bucket says.
+#[must_use]
+pub fn event_id_for(scoped_key: &str) -> String {
+    uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, scoped_key.as_bytes()).to_string()
 }
 
 pub enum Reserve {

@@ -37,6 +37,10 @@ pub struct Config {
     /// Stream replicas when the stream is created: 1 locally, 3 on a cluster.
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+    /// Byte budget of stream POSTS: once it is full, commands answer 507 and
+    /// nothing is stored (or lost) until it is raised. Set on every start.
+    #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = eventstore::STREAM_MAX_BYTES_DEFAULT)]
+    pub stream_max_bytes: i64,
 }
 
 /// Everything a request handler needs. axum clones the state for every
@@ -64,7 +68,8 @@ impl AppState {
 }
 
 /// Connects to NATS and checks, before serving, that the URL is a NATS server
-/// with JetStream and that the stream exists or can be created.
+/// with JetStream, and provisions stream `POSTS` (with its byte budget),
+/// stream `DLQ` and the idempotency bucket.
 ///
 /// # Errors
 /// A message naming the URL and the cause.
@@ -73,10 +78,15 @@ pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     let store = EventStore::connect(
         &config.nats_url,
         "posts-command",
-        &StreamSpec::posts(config.replicas),
+        &StreamSpec::posts(config.replicas).with_max_bytes(config.stream_max_bytes),
     )
     .await?;
     let js = store.jetstream().clone();
+    // The command services provision DLQ, idempotently; query services and
+    // replay only ever use it.
+    eventstore::provision(&js, &eventstore::dlq_spec(config.replicas))
+        .await
+        .with_context(|| format!("{urls}: cannot use stream DLQ"))?;
     let idempotency = idempotency::open_bucket(&js, config.replicas)
         .await
         .with_context(|| format!("{urls}: cannot use the idempotency bucket"))?;

@@ -42,6 +42,19 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What the service answers while it waits for its stream and opens its
+/// stores: `/livez` 200, everything else 503 with `Retry-After`.
+pub(crate) fn starting_app() -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .fallback(|| async {
+            Problem::unavailable(
+                "posts-query is starting: waiting for stream POSTS (created by posts-command) or opening its stores",
+                RETRY_AFTER_SECS,
+            )
+        })
+}
+
 type Params = Query<HashMap<String, String>>;
 
 fn bad(slug: &'static str, detail: impl Into<String>) -> Problem {
@@ -237,21 +250,27 @@ async fn search(
     read_your_writes(&state, POST_SEARCH, &params, &headers).await?;
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
     let reader = state.search();
-    let _slot = state
+    let slot = state
         .inner
         .search_slots
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|e| Problem::internal(&e))?;
-    let results = blocking(move || reader.search(&q, author.as_deref(), limit, offset))
-        .await?
-        .map_err(|e| match e {
-            SearchError::Empty => bad("invalid-query", "q has no searchable words"),
-            SearchError::TooLong | SearchError::TooManyTerms | SearchError::WordTooLong(..) => {
-                bad("invalid-query", e.to_string())
-            }
-            SearchError::Index(_) => Problem::internal(&e),
-        })?;
+    // The slot goes with the search: a client that disconnects drops this
+    // future, but the blocking search runs on, and must keep its slot.
+    let results = blocking(move || {
+        let _slot = slot;
+        reader.search(&q, author.as_deref(), limit, offset)
+    })
+    .await?
+    .map_err(|e| match e {
+        SearchError::Empty => bad("invalid-query", "q has no searchable words"),
+        SearchError::TooLong | SearchError::TooManyTerms | SearchError::WordTooLong(..) => {
+            bad("invalid-query", e.to_string())
+        }
+        SearchError::Index(_) => Problem::internal(&e),
+    })?;
     Ok(Json(SearchPage {
         data: results.hits,
         total: results.total,
@@ -446,21 +465,32 @@ async fn projections(State(state): State<AppState>) -> Response {
     Json(json!({ "data": data })).into_response()
 }
 
+/// Ready once every projection has caught up once, and while none is
+/// halted (a fault it retries, a panicked runner) and every store is still
+/// on disk: a balancer then sends reads to another instance.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let behind: Vec<String> = state
-        .inner
-        .statuses
-        .iter()
-        .filter(|s| !s.caught_up_once())
-        .map(|s| s.name().to_string())
-        .collect();
-    if behind.is_empty() {
+    let mut not_ready = Vec::new();
+    for s in &state.inner.statuses {
+        if s.state() == projection::ProjectionState::Halted {
+            not_ready.push(format!(
+                "{} is halted: {}",
+                s.name(),
+                s.last_error().unwrap_or_default()
+            ));
+        } else if !s.caught_up_once() {
+            not_ready.push(format!("{} is still catching up", s.name()));
+        }
+    }
+    for name in [POST_VIEW, POST_SEARCH] {
+        if !posts_projections::rebuild::live_path(&state.inner.data_dir, name).exists() {
+            not_ready.push(format!(
+                "{name} is gone: its store is missing from the data dir"
+            ));
+        }
+    }
+    if not_ready.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        Problem::unavailable(
-            format!("still catching up: {}", behind.join(", ")),
-            RETRY_AFTER_SECS,
-        )
-        .into_response()
+        Problem::unavailable(not_ready.join("; "), RETRY_AFTER_SECS).into_response()
     }
 }

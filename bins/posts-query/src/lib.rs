@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use eventstore::{EventStore, StreamSpec, dlq_spec, provision};
+use eventstore::{EventStore, StreamSpec};
 
 pub use api::app;
 pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE, admin_app};
@@ -49,23 +49,20 @@ pub struct Config {
     pub replicas: usize,
 }
 
-/// Connects and checks NATS, provisions `POSTS` and `DLQ`, locks the data dir,
-/// opens both projections and starts following the stream.
+/// Connects and checks NATS, waits until stream `POSTS` exists (the command
+/// service creates it; this service never creates, changes or deletes a
+/// stream), locks the data dir, opens both projections and starts following
+/// the stream.
 ///
 /// # Errors
 /// A message naming the URL or the path and the cause.
 pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppState> {
-    let urls = config.nats_url.join(",");
-    let store = EventStore::connect(
+    let store = EventStore::connect_existing(
         &config.nats_url,
         "posts-query",
         &StreamSpec::posts(config.replicas),
     )
     .await?;
-    let js = store.jetstream().clone();
-    provision(&js, &dlq_spec(config.replicas))
-        .await
-        .with_context(|| format!("{urls}: cannot use stream DLQ"))?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
@@ -82,11 +79,42 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let bound = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let state = start(&config, listener.local_addr()?).await?;
-    run(state, listener, shutdown).await
+    bound.set_nonblocking(true)?;
+    let addr = bound.local_addr()?;
+    // Until the stream exists and the stores are open, the same socket
+    // answers 503 (readyz too), so that nothing hangs on a service that is
+    // up but not yet ready.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let starting = tokio::spawn(
+        axum::serve(
+            tokio::net::TcpListener::from_std(bound.try_clone()?)?,
+            api::starting_app(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = started_rx.await;
+        })
+        .into_future(),
+    );
+    let mut shutdown = Box::pin(shutdown);
+    let started = tokio::select! {
+        s = start(&config, addr) => s,
+        () = &mut shutdown => {
+            let _ = started_tx.send(());
+            let _ = starting.await;
+            tracing::info!("posts-query stopped before it was ready");
+            return Ok(());
+        }
+    };
+    let _ = started_tx.send(());
+    let _ = starting.await;
+    run(
+        started?,
+        tokio::net::TcpListener::from_std(bound)?,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves on `listener` until `shutdown`, then stops the runners, which

@@ -82,7 +82,7 @@ pub(crate) struct Inner {
     /// threads than cores only time-slice them, which stretches every
     /// search in flight and the tail most (`just bench`, 8 in flight on 2
     /// cores). Queued searches wait their turn in order instead.
-    pub search_slots: tokio::sync::Semaphore,
+    pub search_slots: Arc<tokio::sync::Semaphore>,
     pub statuses: Vec<Arc<Status>>,
     pub runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     pub rebuilds: std::sync::Mutex<HashMap<String, RebuildProgress>>,
@@ -138,9 +138,9 @@ impl AppState {
                 data_dir: data_dir.to_path_buf(),
                 view: RwLock::new(view_r),
                 search: RwLock::new(search_r),
-                search_slots: tokio::sync::Semaphore::new(
+                search_slots: Arc::new(tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-                ),
+                )),
                 statuses,
                 runners: tokio::sync::Mutex::new(runners),
                 rebuilds: std::sync::Mutex::new(HashMap::new()),
@@ -388,11 +388,17 @@ async fn swap_to_completion(
             Ok(Err(e)) => {
                 restart(live, &mut runners);
                 // The cause names files: it goes to the log, not to the client.
-                tracing::warn!(projection = name, error = format!("{e:#}"), "cannot open a shadow");
+                tracing::warn!(
+                    projection = name,
+                    error = format!("{e:#}"),
+                    "cannot open a shadow"
+                );
                 return Err(Problem::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid-shadow",
-                    format!("the shadow of {name} holds no store this service can open; the cause is in the service log"),
+                    format!(
+                        "the shadow of {name} holds no store this service can open; the cause is in the service log"
+                    ),
                 ));
             }
             Err(e) => {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use eventstore::{EventStore, StreamSpec, connect_checked, dlq_spec, provision};
+use eventstore::{EventStore, StreamSpec, connect_checked};
 use posts_projections::rebuild;
 use posts_projections::{POST_SEARCH, POST_VIEW};
 use projection::{RebuildProgress, Status};
@@ -151,13 +151,9 @@ async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
         .await
         .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?
         .with_dial(&args.nats_url, "replay");
-    // Poison events are parked exactly as the live runner parks them; a DLQ
-    // made here gets as many replicas as the event stream has.
-    if js.get_stream("DLQ").await.is_err() {
-        provision(&js, &dlq_spec(store.replicas()))
-            .await
-            .context("cannot create stream DLQ")?;
-    }
+    // Poison events are parked exactly as the live runner parks them, to
+    // stream DLQ, which the command service provisions: replay never
+    // creates a stream (a missing DLQ only delays the parked copies).
     let target = store.last_seq().await.context("cannot read stream POSTS")?;
 
     std::fs::create_dir_all(&args.data_dir)

@@ -24,6 +24,11 @@ pub struct EncodedEvent {
 pub struct Metadata {
     pub correlation_id: String,
     pub causation_id: String,
+    /// The event's id (`Nats-Msg-Id`) when it must be deterministic: a
+    /// name-based UUID for an `Idempotency-Key` command or a process
+    /// manager's effect, so that the stream's duplicate window refuses a
+    /// second copy. `None`: a fresh UUIDv7.
+    pub event_id: Option<String>,
 }
 
 /// One event as stored in the stream, with its envelope decoded and checked.

@@ -28,10 +28,24 @@ pub use envelope::{
     HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, format_rfc3339, parse_rfc3339,
 };
 pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
-pub use store::{AppendError, EventStore, LoadError, Replica, StartError};
-pub use stream::{DUPLICATE_WINDOW, ProvisionError, StreamSpec, dlq_spec, provision};
+pub use store::{AppendError, EventStore, LoadError, Replica, StartError, is_storage_full};
+pub use stream::{
+    DLQ_MAX_BYTES, DUPLICATE_WINDOW, ProvisionError, STREAM_MAX_BYTES_DEFAULT, StreamSpec,
+    dlq_spec, provision,
+};
 
 /// The JetStream header that makes a publish idempotent inside the duplicate window.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 /// The JetStream header that makes a publish conditional on the aggregate's last sequence.
 pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// Lowercase hex of `bytes`: digests, hashed keys.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}

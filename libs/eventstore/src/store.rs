@@ -14,6 +14,8 @@ const PUBLISH_TIMEOUT_RETRIES_MAX: u32 = 2;
 /// JetStream API and publish-ack timeout. With `sync_interval: always` an ack
 /// takes a few ms; three seconds means the server is gone or overloaded.
 const JETSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often a reading service looks again for a stream that does not exist yet.
+const STREAM_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// Upper bound on opening the stream at start-up (a cluster may be electing).
 const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -49,6 +51,10 @@ pub enum AppendError {
     OutcomeUnknown(String),
     #[error("event rejected by the server: {0}")]
     Rejected(String),
+    /// The stream's byte budget (`max_bytes`, `discard: new`) is used up:
+    /// nothing was stored, and nothing will be until an operator raises it.
+    #[error("the stream's byte budget is full: {0}")]
+    StorageFull(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,61 @@ impl EventStore {
                 urls: joined,
                 secs: START_DEADLINE.as_secs(),
             }),
+        }
+    }
+
+    /// The start-up of a service that only reads (a query service): connects
+    /// (failing fast when the URL is not a NATS server or has no JetStream),
+    /// then waits, however long, until `spec`'s stream exists. It never
+    /// creates, changes or deletes a stream: the command services do.
+    ///
+    /// # Errors
+    /// [`StartError`] naming the URL(s) and the cause.
+    pub async fn connect_existing(
+        urls: &[String],
+        client_name: &str,
+        spec: &StreamSpec,
+    ) -> Result<Self, StartError> {
+        let joined = urls.join(",");
+        let client = crate::connect_checked(urls, client_name).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(JETSTREAM_TIMEOUT);
+        let stream_error = |source| StartError::Stream {
+            urls: joined.clone(),
+            stream: spec.name.clone(),
+            source,
+        };
+        match tokio::time::timeout(START_DEADLINE, crate::stream::check_jetstream(&js)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(stream_error(e)),
+            Err(_) => {
+                return Err(StartError::NoAnswer {
+                    urls: joined,
+                    secs: START_DEADLINE.as_secs(),
+                });
+            }
+        }
+        let mut waiting = false;
+        loop {
+            match Self::open_existing(client.clone(), js.clone(), spec).await {
+                Ok(store) => {
+                    if waiting {
+                        tracing::info!(stream = %spec.name, "the stream exists now");
+                    }
+                    return Ok(store.with_dial(urls, client_name));
+                }
+                Err(e) => {
+                    if !waiting {
+                        tracing::warn!(
+                            stream = %spec.name,
+                            error = %e,
+                            "waiting for the stream, which the command service creates"
+                        );
+                        waiting = true;
+                    }
+                    tokio::time::sleep(STREAM_WAIT_POLL).await;
+                }
+            }
         }
     }
 
@@ -288,7 +349,10 @@ impl EventStore {
             // after we have already answered 503: refuse before publishing.
             return Err(AppendError::Unavailable("not connected to NATS".into()));
         }
-        let event_id = uuid::Uuid::now_v7().to_string();
+        let event_id = meta
+            .event_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let headers = headers_for(
             &event_id,
             expected_last_subject_seq,
@@ -344,6 +408,9 @@ impl EventStore {
                     }
                     PublishErrorKind::MaxPayloadExceeded => {
                         return Err(AppendError::Rejected(e.to_string()));
+                    }
+                    _ if storage_full(&e) => {
+                        return Err(AppendError::StorageFull(e.to_string()));
                     }
                     _ => return Err(AppendError::Unavailable(e.to_string())),
                 },
@@ -507,4 +574,21 @@ impl EventStore {
             Err(e) => Err(LoadError::Unavailable(e.to_string())),
         }
     }
+}
+
+/// Whether a publish was refused because the stream (or the account) has no
+/// room left: nats-server answers "maximum bytes exceeded" for a stream at
+/// its `max_bytes` with `discard: new`, and "insufficient resources" when the
+/// server's own store limit is reached.
+fn storage_full(e: &jetstream::context::PublishError) -> bool {
+    is_storage_full(&e.to_string())
+}
+
+/// Whether an error's text says the stream, bucket or account is full (see
+/// the append's [`AppendError::StorageFull`]); for writes that are not
+/// appends, such as a KV bucket's.
+#[must_use]
+pub fn is_storage_full(error_text: &str) -> bool {
+    let text = error_text.to_ascii_lowercase();
+    text.contains("maximum bytes exceeded") || text.contains("insufficient resources")
 }

@@ -18,7 +18,17 @@ pub struct StreamSpec {
     pub subjects: Vec<String>,
     pub replicas: usize,
     pub description: String,
+    /// The byte budget: at this size the stream refuses new events
+    /// (`discard: new`) instead of dropping old ones, and commands answer
+    /// 507. It bounds what unauthenticated writes can do to the disk.
+    pub max_bytes: i64,
 }
+
+/// A stream's byte budget unless the service is told otherwise: 10 GiB,
+/// ~100k posts at the largest content, millions of ordinary ones.
+pub const STREAM_MAX_BYTES_DEFAULT: i64 = 10 * 1024 * 1024 * 1024;
+/// The dead-letter stream's budget: parked copies of poison events.
+pub const DLQ_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
 impl StreamSpec {
     /// The `POSTS` event stream: subjects `posts.<post_id>`.
@@ -29,7 +39,15 @@ impl StreamSpec {
             subjects: vec!["posts.>".to_string()],
             replicas,
             description: "blog post domain events; the single source of truth".to_string(),
+            max_bytes: STREAM_MAX_BYTES_DEFAULT,
         }
+    }
+
+    /// The same stream with a byte budget of `max_bytes`.
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: i64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     fn config(&self) -> stream::Config {
@@ -37,14 +55,15 @@ impl StreamSpec {
             name: self.name.clone(),
             description: Some(self.description.clone()),
             subjects: self.subjects.clone(),
-            // Events are the source of truth: never discard any, by count, size or age.
+            // Events are the source of truth: never discard any, by count or
+            // age. The byte budget refuses new events when full (`discard`).
             retention: stream::RetentionPolicy::Limits,
             max_messages: -1,
-            max_bytes: -1,
+            max_bytes: self.max_bytes,
             max_age: Duration::ZERO,
             max_messages_per_subject: -1,
-            // Irrelevant with no limits, but Old would silently drop history if a
-            // limit were ever added; New refuses the write instead.
+            // At the byte budget, Old would silently drop the oldest history;
+            // New refuses the write instead, and nothing is lost.
             discard: stream::DiscardPolicy::New,
             discard_new_per_subject: false,
             max_consumers: -1,
@@ -95,7 +114,9 @@ pub fn dlq_spec(replicas: usize) -> StreamSpec {
         name: "DLQ".to_string(),
         subjects: vec!["dlq.>".to_string()],
         replicas,
-        description: "poison events parked by projections: dlq.<projection>.<seq>".to_string(),
+        description: "poison events parked by projections: dlq.<projection>.<STREAM>.<seq>"
+            .to_string(),
+        max_bytes: DLQ_MAX_BYTES,
     }
 }
 
@@ -114,18 +135,14 @@ pub enum ProvisionError {
     Unreachable(String),
 }
 
-/// Creates the stream, or checks that the existing one keeps the durability
-/// promises (file storage, no limits, deny delete and purge).
+/// Whether JetStream answers on this connection.
 ///
 /// # Errors
-/// [`ProvisionError`] when JetStream is off, unreachable, or the stream exists
-/// with settings that would break the promises.
-pub async fn provision(
-    js: &jetstream::Context,
-    spec: &StreamSpec,
-) -> Result<stream::Stream, ProvisionError> {
+/// [`ProvisionError::JetStreamDisabled`] when the server (or account) runs
+/// without JetStream, [`ProvisionError::Unreachable`] when it does not answer.
+pub async fn check_jetstream(js: &jetstream::Context) -> Result<(), ProvisionError> {
     match js.query_account().await {
-        Ok(_) => {}
+        Ok(_) => Ok(()),
         Err(e) => {
             let text = e.to_string();
             // No responders on the JetStream API, or the API answering 503,
@@ -138,9 +155,22 @@ pub async fn provision(
             if disabled || text.contains("not enabled") {
                 return Err(ProvisionError::JetStreamDisabled(text));
             }
-            return Err(ProvisionError::Unreachable(text));
+            Err(ProvisionError::Unreachable(text))
         }
     }
+}
+
+/// Creates the stream, or checks that the existing one keeps the durability
+/// promises (file storage, no limits, deny delete and purge).
+///
+/// # Errors
+/// [`ProvisionError`] when JetStream is off, unreachable, or the stream exists
+/// with settings that would break the promises.
+pub async fn provision(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+) -> Result<stream::Stream, ProvisionError> {
+    check_jetstream(js).await?;
     let wanted = spec.config();
     match js.get_stream(&spec.name).await {
         Ok(mut existing) => {
@@ -153,8 +183,11 @@ pub async fn provision(
             if have.storage != stream::StorageType::File {
                 problems.push("storage is not file");
             }
-            if have.max_messages != -1 || have.max_bytes != -1 || !have.max_age.is_zero() {
+            if have.max_messages != -1 || !have.max_age.is_zero() {
                 problems.push("stream has limits that would discard events");
+            }
+            if have.max_bytes != -1 && have.discard != stream::DiscardPolicy::New {
+                problems.push("a byte limit with discard old would drop events");
             }
             if !have.deny_delete || !have.deny_purge {
                 problems.push("delete or purge is allowed");
@@ -186,6 +219,21 @@ pub async fn provision(
                     "the stream exists with other replicas or duplicate window than configured; \
                      using it as it is"
                 );
+            }
+            // The byte budget is this service's flag: it is what an operator
+            // raises when commands answer 507.
+            if have.max_bytes != wanted.max_bytes || have.discard != wanted.discard {
+                let mut config = have.clone();
+                config.max_bytes = wanted.max_bytes;
+                config.discard = wanted.discard;
+                js.update_stream(&config).await.map_err(|e| {
+                    ProvisionError::Unreachable(format!("update {}: {e}", spec.name))
+                })?;
+                tracing::info!(stream = %spec.name, max_bytes = wanted.max_bytes, "byte budget set");
+                return js
+                    .get_stream(&spec.name)
+                    .await
+                    .map_err(|e| ProvisionError::Unreachable(e.to_string()));
             }
             Ok(existing)
         }

@@ -151,9 +151,7 @@ impl Rng {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use eventstore::hex;
 
 /// Crashes the process at a named point when `POSTS_FAILPOINT` names it: the
 /// chaos suite kills at exactly the dangerous instants (between two commits,

@@ -98,7 +98,9 @@ impl Shadow {
     /// When `id` is not a shadow id, or no such shadow directory exists.
     pub fn handed_out(data_dir: &Path, name: &str, id: &str) -> Result<Self, ShadowError> {
         if id.len() != SHADOW_ID_CHARS
-            || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(ShadowError::Malformed);
         }
@@ -373,7 +375,10 @@ mod tests {
         std::fs::write(fresh.store_path(), b"new").unwrap();
         install(&fresh, data.path()).unwrap();
         assert_eq!(std::fs::read(&live).unwrap(), b"new");
-        assert!(root.join("keep-me").is_dir(), "install removes its shadow only");
+        assert!(
+            root.join("keep-me").is_dir(),
+            "install removes its shadow only"
+        );
         assert_eq!(
             Shadow::handed_out(data.path(), POST_VIEW, fresh.id()),
             Err(ShadowError::Missing)

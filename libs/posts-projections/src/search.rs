@@ -33,6 +33,9 @@ use crate::{CATCH_UP_COMMIT_INTERVAL, PARKED_RECENT_MAX, POST_SEARCH, decode, he
 pub const QUERY_BYTES_MAX: usize = 512;
 /// Most terms and phrases in one query: more is a 400, not a slow search.
 pub const QUERY_TERMS_MAX: usize = 16;
+/// Words of one query matched with typo tolerance, at most; the others
+/// match as typed. Bounds the CPU one query can cost.
+pub const FUZZY_TERMS_MAX: usize = 4;
 /// Commit at most this often while catching up; when idle the runner flushes
 /// at once, so live visibility does not wait for it. Fewer commits mean
 /// fewer small segments to merge.
@@ -1379,8 +1382,17 @@ impl SearchReader {
         let mut exact: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         let mut typos = Vec::new();
         let mut conjunction = Some(Vec::new());
-        for (is_phrase, text) in parts {
-            let tokens = self.tokens(&text);
+        // Counted after the analyzer split the parts: "a-b-c" is one part but
+        // three terms, and a whitespace count let a 512-byte query of
+        // hyphen-joined typos ask for ~46 fuzzy terms.
+        let parts: Vec<(bool, Vec<String>)> = parts
+            .into_iter()
+            .map(|(is_phrase, text)| (is_phrase, self.tokens(&text)))
+            .collect();
+        if parts.iter().map(|(_, t)| t.len()).sum::<usize>() > QUERY_TERMS_MAX {
+            return Err(SearchError::TooManyTerms);
+        }
+        for (is_phrase, tokens) in parts {
             if tokens.is_empty() {
                 continue;
             }
@@ -1401,7 +1413,10 @@ impl SearchReader {
                 exact.push((Occur::Should, exact_q.box_clone()));
                 let budget = typo_budget(token);
                 let in_index = searcher.doc_freq(&term).is_ok_and(|n| n > 0);
-                if budget > 0 && !is_phrase && !in_index {
+                // Past FUZZY_TERMS_MAX typos, a word matches as typed: each
+                // fuzzy term walks a Levenshtein automaton over the term
+                // dictionary, and highlights compare every word of every hit.
+                if budget > 0 && !is_phrase && !in_index && typos.len() < FUZZY_TERMS_MAX {
                     conjunction = None;
                     typos.push((token.clone(), budget));
                     let fuzzy: Box<dyn Query> = Box::new(BoostQuery::new(
@@ -2590,6 +2605,35 @@ mod tests {
         assert_eq!(next_offset(max - 20, 20, max * 2), Some(max));
         assert_eq!(next_offset(max, 20, max * 2), None);
         assert_eq!(next_offset(max - 10, 20, max * 2), None);
+    }
+
+    /// Finding 5: terms were counted before the analyzer split them, so
+    /// hyphen-joined typos passed as one term each part.
+    #[test]
+    fn terms_are_counted_after_tokenizing_and_typos_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let words: Vec<String> = (0..46).map(|i| format!("qwert{i:02}x")).collect();
+        let joined = words.join("-");
+        assert!(joined.len() <= QUERY_BYTES_MAX);
+        assert!(matches!(
+            reader.search(&joined, None, 10, 0),
+            Err(SearchError::TooManyTerms)
+        ));
+        let q = words[..QUERY_TERMS_MAX].join(" ");
+        let parsed = reader
+            .build_query(&reader.reader.searcher(), &q, None)
+            .unwrap();
+        assert_eq!(
+            parsed.typos.len(),
+            FUZZY_TERMS_MAX,
+            "the rest match as typed"
+        );
+        let q = words[..QUERY_TERMS_MAX + 1].join("-");
+        assert!(matches!(
+            reader.search(&q, None, 10, 0),
+            Err(SearchError::TooManyTerms)
+        ));
     }
 
     #[test]

@@ -100,7 +100,46 @@ fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<Stri
             reason: "must not contain control characters".into(),
         });
     }
+    if let Some(c) = trimmed.chars().find(|c| is_format_char(*c)) {
+        return Err(Rejection::Invalid {
+            field,
+            reason: format!(
+                "must not contain invisible format characters (found U+{:04X}): they make look-alike names",
+                u32::from(c)
+            ),
+        });
+    }
     Ok(trimmed.to_string())
+}
+
+/// Unicode's format characters (general category Cf): invisible, they
+/// reorder text (U+202E) or hide in it (U+200B), so "ann" and "an\u{200B}n"
+/// would show alike. The ranges of Unicode 16's Cf.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// Trims surrounding whitespace and checks 1..=200 characters, no control characters.
@@ -382,6 +421,46 @@ mod tests {
             Err(Rejection::Deleted)
         );
         assert_eq!(decide(&state, &Command::Delete), Err(Rejection::Deleted));
+    }
+
+    /// Finding 10: format characters made look-alike authors.
+    #[test]
+    fn given_nothing_when_create_with_format_characters_then_invalid() {
+        for (title, author) in [
+            ("t", "an\u{200B}n"),
+            ("t", "\u{202E}nna"),
+            ("a\u{2066}b", "ann"),
+            ("soft\u{00AD}hyphen", "ann"),
+            ("t", "ann\u{FEFF}"),
+        ] {
+            let r = decide(
+                &given(&[]),
+                &Command::Create {
+                    title: title.into(),
+                    content: "c\u{200B} is fine in content".into(),
+                    author_name: author.into(),
+                },
+            );
+            match r {
+                Err(Rejection::Invalid { reason, .. }) => {
+                    assert!(reason.contains("format characters"), "{reason}");
+                }
+                other => panic!("{title:?} by {author:?}: {other:?}"),
+            }
+        }
+        // Scripts that need joiners in ordinary text still pass elsewhere:
+        // accents, CJK, emoji without joiners.
+        assert!(
+            decide(
+                &given(&[]),
+                &Command::Create {
+                    title: "Café 東京 🚀".into(),
+                    content: "c".into(),
+                    author_name: "Zoë".into(),
+                },
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -367,7 +367,11 @@ pub async fn drain_to(
             if since.elapsed() >= DRAIN_HALTED_MAX {
                 let error = status.last_error().unwrap_or_default();
                 let _ = runner.stop().await;
-                return Err(DrainError::Halted(DRAIN_HALTED_MAX, status.visible(), error));
+                return Err(DrainError::Halted(
+                    DRAIN_HALTED_MAX,
+                    status.visible(),
+                    error,
+                ));
             }
         } else {
             halted_since = None;
@@ -433,11 +437,9 @@ async fn supervise(
                     // A flush that fails leaves applied events that are not
                     // durable: drop them (back to the checkpoint), so that the
                     // store handed back resumes from what it holds.
-                    let (p, res) = run_blocking(projection, |p| {
-                        match p.flush() {
-                            Ok(()) => Ok(Ok(())),
-                            Err(e) => p.recover().map(|()| Err(e)),
-                        }
+                    let (p, res) = run_blocking(projection, |p| match p.flush() {
+                        Ok(()) => Ok(Ok(())),
+                        Err(e) => p.recover().map(|()| Err(e)),
                     })
                     .await?;
                     match res {
@@ -1256,7 +1258,10 @@ mod tests {
     }
 
     impl Fake {
-        fn boxed(name: &'static str, failing: bool) -> (Box<dyn Projection>, Arc<std::sync::atomic::AtomicU64>) {
+        fn boxed(
+            name: &'static str,
+            failing: bool,
+        ) -> (Box<dyn Projection>, Arc<std::sync::atomic::AtomicU64>) {
             let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let fake = Self {
                 name,
@@ -1432,6 +1437,7 @@ mod tests {
             subjects: vec!["gaps.>".into()],
             replicas: 1,
             description: String::new(),
+            max_bytes: -1,
         };
         let store = EventStore::open_existing(client, js, &spec)
             .await

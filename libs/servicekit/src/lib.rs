@@ -147,20 +147,18 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
     {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, bytes_max)
-        .await
-        .map_err(|e| {
-            let e = e.into_inner();
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-body",
-                    format!("the request body could not be read: {e}"),
-                )
-            }
-        })?;
+    let bytes = axum::body::to_bytes(body, bytes_max).await.map_err(|e| {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-body",
+                format!("the request body could not be read: {e}"),
+            )
+        }
+    })?;
     // serde takes a struct from an array of its fields in order too; the
     // contract is an object with named fields.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
@@ -197,7 +195,9 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
 pub async fn close_after_unread_body(mut resp: Response) -> Response {
     if matches!(
         resp.status(),
-        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE
+        StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
     ) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -11,8 +11,8 @@ use e2e_tests::{CONDITION_DEADLINE, StreamReader, publish_event, start_nats};
 use posts::Event;
 
 use crate::support::{
-    Ctx, Summary, get_json, projections, read_client, run_replay, spawn_query,
-    spawn_query_failing, wait_projections_at,
+    Ctx, Summary, get_json, projections, read_client, run_replay, spawn_query, spawn_query_failing,
+    wait_projections_at,
 };
 
 /// Events written one at a time while post-view fails: each its own batch,
@@ -55,13 +55,24 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
         );
     }
     let all = projections(&http, &query).await?;
-    let view = all.iter().find(|p| p.name == "post-view").context("post-view")?;
-    let search = all.iter().find(|p| p.name == "post-search").context("post-search")?;
+    let view = all
+        .iter()
+        .find(|p| p.name == "post-view")
+        .context("post-view")?;
+    let search = all
+        .iter()
+        .find(|p| p.name == "post-search")
+        .context("post-search")?;
     ensure!(view.state == "halted" && view.checkpoint == 0, "{all:?}");
-    ensure!(search.state == "running" && search.checkpoint == head, "{all:?}");
+    ensure!(
+        search.state == "running" && search.checkpoint == head,
+        "{all:?}"
+    );
 
     let started = Instant::now();
-    query.terminate().context("SIGTERM with a halted projection")?;
+    query
+        .terminate()
+        .context("SIGTERM with a halted projection")?;
     summary.recovered("sigterm_with_a_halted_projection", started.elapsed());
 
     let started = Instant::now();
@@ -74,7 +85,9 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     )
     .await?;
     ensure!(
-        !run.status.success() && run.stderr.contains("halted") && run.stderr.contains("simulated storage fault"),
+        !run.status.success()
+            && run.stderr.contains("halted")
+            && run.stderr.contains("simulated storage fault"),
         "a replay whose store keeps failing must fail with the fault: {run:?}"
     );
     summary.recovered("replay_gives_up_on_a_halted_store", started.elapsed());
@@ -83,7 +96,9 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     std::fs::remove_file(&fault)?;
     let mut query = spawn_query(&url, &data, 1, 1).await?;
     wait_projections_at(&http, &query, head, CONDITION_DEADLINE).await?;
-    run_replay(&url, &data, "all", true, None).await?.expect_verified()?;
+    run_replay(&url, &data, "all", true, None)
+        .await?
+        .expect_verified()?;
     query.terminate()?;
 
     // Finding 7: the swap fails after the exchange; reads must use the index

@@ -87,7 +87,16 @@ async fn create_update_delete_round_trip_writes_well_formed_events() -> TestResu
     assert_eq!(cfg.storage, StorageType::File);
     assert_eq!(cfg.retention, RetentionPolicy::Limits);
     assert_eq!(cfg.max_messages, -1, "no message limit");
-    assert_eq!(cfg.max_bytes, -1, "no byte limit");
+    // A byte budget that refuses new events when full, never one that drops old ones.
+    assert_eq!(
+        cfg.max_bytes,
+        10 * 1024 * 1024 * 1024,
+        "the default byte budget"
+    );
+    assert_eq!(
+        cfg.discard,
+        async_nats::jetstream::stream::DiscardPolicy::New
+    );
     assert_eq!(cfg.max_age, Duration::ZERO, "no age limit");
     assert_eq!(cfg.max_messages_per_subject, -1, "no per-subject limit");
     assert!(cfg.deny_delete, "deny_delete");

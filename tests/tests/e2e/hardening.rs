@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use e2e_tests::{
-    InProcessService, Reply, Written, admin_url, http_client, replay_args, run_replay,
-    spawn_query_process, start_nats, wait_checkpoints,
+    CONDITION_DEADLINE, InProcessService, Reply, StreamReader, Written, admin_url, http_client,
+    replay_args, run_replay, spawn_query_process, start_nats, testkit, wait_checkpoints, wait_for,
 };
 use serde_json::json;
 
@@ -48,7 +48,11 @@ async fn swap_never_takes_a_client_path_and_admin_is_off_the_public_listener() -
     let run = run_replay(&replay_args("post-search", &nats.url(), data.path(), &[])).await?;
     assert!(run.status.success(), "{run:?}");
     let rebuild_root = data.path().join(".rebuild");
-    assert!(rebuild_root.is_dir(), "the replay made {}", rebuild_root.display());
+    assert!(
+        rebuild_root.is_dir(),
+        "the replay made {}",
+        rebuild_root.display()
+    );
     let data_dir_text = data.path().canonicalize()?.display().to_string();
 
     // The public listener has no admin route at all.
@@ -102,6 +106,182 @@ async fn swap_never_takes_a_client_path_and_admin_is_off_the_public_listener() -
     let run = run_replay(&replay_args("all", &nats.url(), data.path(), &["--verify"])).await?;
     assert!(run.status.success(), "{run:?}");
     assert_data_dir_intact(data.path(), "after a real replay");
+
+    // Finding 10: a store wiped under the running service makes it unready.
+    let view = data.path().join("post-view.redb");
+    let aside = data.path().join("post-view.redb.aside");
+    std::fs::rename(&view, &aside)?;
+    Reply::of(http.get(format!("{base}/readyz")))
+        .await?
+        .assert_problem(503, "post-view is gone");
+    std::fs::rename(&aside, &view)?;
+    assert_eq!(
+        Reply::of(http.get(format!("{base}/readyz"))).await?.status,
+        200
+    );
     drop(query);
+    Ok(())
+}
+
+/// Finding 6: the query side provisioned `POSTS` and `DLQ` itself. It must
+/// only wait for them (readyz 503), as replay does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_side_never_creates_a_stream_and_waits_for_one() -> TestResult {
+    let nats = start_nats().await?;
+    let http = http_client();
+    let data = tempfile::Builder::new().prefix("no-stream").tempdir()?;
+    // Replay first: it needs the stream and creates none.
+    let run = run_replay(&replay_args("all", &nats.url(), data.path(), &[])).await?;
+    assert!(!run.status.success(), "{run:?}");
+    let port = testkit::free_port();
+    let args = e2e_tests::query_args(&nats.url(), port, data.path());
+    let _query = tokio::task::spawn_blocking(move || {
+        testkit::ServiceProcess::spawn("posts-query", &args, &[], port)
+    })
+    .await??;
+    let base = format!("http://127.0.0.1:{port}");
+    let waiting = wait_for(
+        "posts-query answering 503 while it waits",
+        CONDITION_DEADLINE,
+        || {
+            let req = http.get(format!("{base}/readyz"));
+            async move { Reply::of(req).await.ok().filter(|r| r.status == 503) }
+        },
+    )
+    .await?;
+    waiting.assert_problem(503, "waiting for stream POSTS");
+    assert!(waiting.header("retry-after").is_some(), "{waiting:?}");
+    let r = Reply::of(http.get(format!("{base}/posts"))).await?;
+    r.assert_problem(503, "starting");
+    assert_eq!(
+        Reply::of(http.get(format!("{base}/livez"))).await?.status,
+        200
+    );
+    let js = StreamReader::connect(&nats.url()).await?.js;
+    let names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names()).await?;
+    assert!(names.is_empty(), "the query side created {names:?}");
+
+    // The command service creates them; the waiting service then follows.
+    let command = InProcessService::start_command(&nats.url()).await?;
+    let mut w = Written::default();
+    w.create(&http, &command.base_url, "first", "lorem", "ann")
+        .await?;
+    e2e_tests::wait_ready(&http, &base).await?;
+    wait_checkpoints(&http, &base, w.last_seq).await?;
+    w.assert_served(&http, &base).await?;
+    let mut names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names()).await?;
+    names.sort();
+    assert_eq!(
+        names,
+        ["DLQ", "KV_POSTS_IDEMPOTENCY", "POSTS"],
+        "all made by posts-command"
+    );
+    Ok(())
+}
+
+/// Finding 6: streams had no byte budget, so unauthenticated writes could
+/// fill the disk. A full budget answers 507 and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_byte_budget_is_507_and_loses_nothing() -> TestResult {
+    const BUDGET_BYTES: i64 = 64 * 1024;
+    let nats = start_nats().await?;
+    let http = http_client();
+    let command = InProcessService::start_command_with_budget(&nats.url(), BUDGET_BYTES).await?;
+    let reader = StreamReader::connect(&nats.url()).await?;
+    let content = "x".repeat(4_000);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..100 {
+        let body =
+            json!({"title": format!("filler {i}"), "content": content, "author_name": "ann"});
+        let r = Reply::of(http.post(format!("{}/posts", command.base_url)).json(&body)).await?;
+        match r.status {
+            201 => accepted.push(r.ack(201)),
+            _ => {
+                refused = Some(r);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a 64 KiB budget fills within 100 creates of 4 KB");
+    refused.assert_problem(507, "byte budget is full");
+    assert!(!accepted.is_empty());
+    // Updates are refused alike, and nothing was stored for either.
+    let first = &accepted[0];
+    let r = Reply::of(
+        http.patch(format!("{}/posts/{}", command.base_url, first.post_id))
+            .json(&json!({"content": content})),
+    )
+    .await?;
+    r.assert_problem(507, "byte budget");
+    let messages = reader.all_messages().await?;
+    assert_eq!(messages.len(), accepted.len(), "one event per 201, no more");
+    for (ack, msg) in accepted.iter().zip(&messages) {
+        assert_eq!(msg.sequence, ack.seq);
+        assert_eq!(msg.subject.as_str(), format!("posts.{}", ack.post_id));
+    }
+    let info = reader.info().await?;
+    assert_eq!(info.config.max_bytes, BUDGET_BYTES);
+
+    // An operator raises the budget (the flag, on the next start): writes go on.
+    command.stop().await?;
+    let command =
+        InProcessService::start_command_with_budget(&nats.url(), BUDGET_BYTES * 4).await?;
+    let r = Reply::of(
+        http.post(format!("{}/posts", command.base_url))
+            .json(&json!({"title": "after", "content": content, "author_name": "ann"})),
+    )
+    .await?;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(reader.all_messages().await?.len(), accepted.len() + 1);
+    Ok(())
+}
+
+/// Finding 9: keys were global, the event id was fresh per attempt, and the
+/// body was hashed as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_are_scoped_by_caller_and_backed_by_the_stream() -> TestResult {
+    let nats = start_nats().await?;
+    let http = http_client();
+    let command = InProcessService::start_command(&nats.url()).await?;
+    let reader = StreamReader::connect(&nats.url()).await?;
+    let create = |actor: Option<&str>, key: &str, title: &str| {
+        let mut req = http
+            .post(format!("{}/posts", command.base_url))
+            .header("Idempotency-Key", key)
+            .json(&json!({"title": title, "content": "same", "author_name": "ann"}));
+        if let Some(a) = actor {
+            req = req.header("Actor", a);
+        }
+        Reply::of(req)
+    };
+    let alice = create(Some("alice"), "k-1", "shared key").await?.ack(201);
+    let bob = create(Some("bob"), "k-1", "shared key").await?;
+    assert_eq!(bob.status, 201, "another caller's key is not ours: {bob:?}");
+    assert_ne!(bob.ack(201).post_id, alice.post_id);
+    // Bob's key with another body is his own business, not a 422 about Alice's.
+    let carol = create(Some("carol"), "k-1", "another body").await?;
+    assert_eq!(carol.status, 201, "{carol:?}");
+    // The same create, normalised alike (the title is trimmed): a replay.
+    let again = create(Some("alice"), "k-1", "  shared key ").await?;
+    assert_eq!(again.ack(201), alice, "{again:?}");
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+
+    // The event id is a name-based UUID of the scoped key: the same for the
+    // same key and caller, so the stream's duplicate window backs the bucket.
+    let messages = reader.all_messages().await?;
+    assert_eq!(messages.len(), 3, "alice, bob, carol");
+    let ids: Vec<uuid::Uuid> = messages
+        .iter()
+        .map(|m| {
+            e2e_tests::msg_header(m, "Nats-Msg-Id")
+                .and_then(|v| uuid::Uuid::parse_str(v).ok())
+                .expect("a UUID Nats-Msg-Id")
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(id.get_version_num(), 5, "name-based: {id}");
+    }
+    assert_ne!(ids[0], ids[1]);
     Ok(())
 }

@@ -1331,6 +1331,11 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
         head = publish_event(&js, id, &event).await?;
     }
     view_halted_search_at(&http, &base, head).await?;
+    // Caught up once before, halted now: not ready (finding 10 of the
+    // hardening review: readyz stayed 200).
+    Reply::of(http.get(format!("{base}/readyz")))
+        .await?
+        .assert_problem(503, "post-view is halted");
     let all = e2e_tests::projections(&http, &base).await?;
     assert_eq!(
         projection(&all, "post-view")["checkpoint"],

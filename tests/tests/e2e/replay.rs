@@ -615,9 +615,13 @@ async fn swap_abandoned_by_its_client_leaves_the_projection_following() -> TestR
     // checkpoint before installing it, which takes a while and reads the
     // stream through a consumer of its own.
     let admin = e2e_tests::admin_url(data.path())?;
-    let handed = Reply::of(http.post(format!("{admin}/admin/projections/post-view/shadows"))).await?;
+    let handed =
+        Reply::of(http.post(format!("{admin}/admin/projections/post-view/shadows"))).await?;
     assert_eq!(handed.status, 201, "{handed:?}");
-    let id = handed.json()["shadow"].as_str().expect("a shadow id").to_string();
+    let id = handed.json()["shadow"]
+        .as_str()
+        .expect("a shadow id")
+        .to_string();
     let shadow = posts_projections::rebuild::Shadow::handed_out(data.path(), "post-view", &id)?;
     let path = shadow.store_path();
     tokio::task::spawn_blocking(move || posts_projections::view::open(&path).map(drop)).await??;
