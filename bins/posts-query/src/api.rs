@@ -22,6 +22,15 @@ use crate::AppState;
 /// Default and largest page size.
 const LIMIT_DEFAULT: usize = 20;
 const LIMIT_MAX: usize = 1000;
+/// A history page's default size.
+const HISTORY_LIMIT_DEFAULT: usize = 100;
+/// Every list stops before its body reaches this (DESIGN.md): `limit`
+/// counts items, this bounds what one answer costs in memory whatever the
+/// items' size; `next_cursor` carries on.
+pub(crate) const PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// History pages read from the stream at once; the others wait their turn.
+/// Each holds at most a page in memory (~[`PAGE_BYTES_MAX`]).
+pub(crate) const HISTORY_READS_MAX: usize = 16;
 /// Longest a read waits for its `min_seq` before answering 503.
 const MIN_SEQ_WAIT_MAX: Duration = Duration::from_secs(3);
 const RETRY_AFTER_SECS: u64 = 1;
@@ -62,8 +71,12 @@ fn bad(slug: &'static str, detail: impl Into<String>) -> Problem {
 }
 
 fn limit(params: &HashMap<String, String>) -> Result<usize, Problem> {
+    limit_or(params, LIMIT_DEFAULT)
+}
+
+fn limit_or(params: &HashMap<String, String>, default: usize) -> Result<usize, Problem> {
     match params.get("limit") {
-        None => Ok(LIMIT_DEFAULT),
+        None => Ok(default),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
             _ => Err(bad(
@@ -207,9 +220,11 @@ async fn list(
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
     let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();
     let view = state.view();
-    let page = blocking(move || view.list(author.as_deref(), limit, cursor.as_deref()))
-        .await?
-        .map_err(view_problem)?;
+    let page = blocking(move || {
+        view.list_within(author.as_deref(), limit, cursor.as_deref(), PAGE_BYTES_MAX)
+    })
+    .await?
+    .map_err(view_problem)?;
     let data: Vec<PostDto> = page.rows.into_iter().map(|(id, r)| dto(id, r)).collect();
     Ok(Json(ListPage {
         data,
@@ -351,10 +366,29 @@ async fn history(
             Replica::Leader
         }
     };
-    let entries = state
+    let limit = limit_or(&params, HISTORY_LIMIT_DEFAULT)?;
+    let after_seq = match params.get("cursor").filter(|c| !c.is_empty()) {
+        None => 0,
+        Some(c) => c
+            .strip_prefix('s')
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| {
+                bad(
+                    "invalid-cursor",
+                    "cursor is malformed; use next_cursor from a previous page",
+                )
+            })?,
+    };
+    let _slot = state
+        .inner
+        .history_slots
+        .acquire()
+        .await
+        .map_err(|e| Problem::internal(&e))?;
+    let page = state
         .inner
         .store
-        .history(&id, from)
+        .history(&id, after_seq, from, limit, PAGE_BYTES_MAX)
         .await
         .map_err(|e| match e {
             eventstore::LoadError::Unavailable(_) => store_down(),
@@ -362,54 +396,71 @@ async fn history(
                 Problem::internal(&e)
             }
         })?;
-    if entries.is_empty() {
+    if page.entries.is_empty() && after_seq == 0 {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
             format!("post {id} not found"),
         ));
     }
-    let data: Vec<Value> = entries
-        .iter()
-        .map(|entry| {
-            // A message something other than a command service put on the
-            // post's subject: shown in its place, like an undecodable payload.
-            let e = match entry {
-                Ok(e) => e,
-                Err((seq, reason)) => {
-                    return json!({
-                        "seq": seq,
-                        "type": null,
-                        "schema": null,
-                        "occurred_at": null,
-                        "event_id": null,
-                        "correlation_id": null,
-                        "causation_id": null,
-                        "data": null,
-                        "error": format!("broken envelope: {reason}"),
-                    });
-                }
-            };
-            let mut v = json!({
-                "seq": e.seq,
-                "type": e.event_type,
-                "schema": e.schema,
-                "occurred_at": eventstore::format_rfc3339(e.occurred_at),
-                "event_id": e.event_id,
-                "correlation_id": e.correlation_id,
-                "causation_id": e.causation_id,
+    let mut data: Vec<Value> = Vec::with_capacity(page.entries.len());
+    let mut body_bytes = 0usize;
+    let mut more = page.more;
+    for entry in &page.entries {
+        let v = history_entry(entry);
+        // JSON escapes can make an entry far bigger than its payload.
+        let size = serde_json::to_vec(&v).map_or(0, |b| b.len()) + 1;
+        if !data.is_empty() && body_bytes + size > PAGE_BYTES_MAX {
+            more = true;
+            break;
+        }
+        body_bytes += size;
+        data.push(v);
+    }
+    let next_cursor = more
+        .then(|| data.last().and_then(|v| v["seq"].as_u64()))
+        .flatten()
+        .map(|seq| format!("s{seq}"));
+    Ok(Json(json!({ "data": data, "next_cursor": next_cursor })).into_response())
+}
+
+/// One message of a post's history as JSON. A message something other than
+/// a command service put on the post's subject is shown in its place, like
+/// an undecodable payload.
+fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Value {
+    let e = match entry {
+        Ok(e) => e,
+        Err((seq, reason)) => {
+            return json!({
+                "seq": seq,
+                "type": null,
+                "schema": null,
+                "occurred_at": null,
+                "event_id": null,
+                "correlation_id": null,
+                "causation_id": null,
+                "data": null,
+                "error": format!("broken envelope: {reason}"),
             });
-            match posts::decode(&e.event_type, e.schema, &e.payload) {
-                Ok(ev) => v["data"] = event_json(&ev),
-                Err(err) => {
-                    v["data"] = Value::Null;
-                    v["error"] = json!(err.to_string());
-                }
-            }
-            v
-        })
-        .collect();
-    Ok(Json(json!({ "data": data })).into_response())
+        }
+    };
+    let mut v = json!({
+        "seq": e.seq,
+        "type": e.event_type,
+        "schema": e.schema,
+        "occurred_at": eventstore::format_rfc3339(e.occurred_at),
+        "event_id": e.event_id,
+        "correlation_id": e.correlation_id,
+        "causation_id": e.causation_id,
+    });
+    match posts::decode(&e.event_type, e.schema, &e.payload) {
+        Ok(ev) => v["data"] = event_json(&ev),
+        Err(err) => {
+            v["data"] = Value::Null;
+            v["error"] = json!(err.to_string());
+        }
+    }
+    v
 }
 
 /// The stream's last sequence, from its leader; `None` if it does not answer

@@ -83,6 +83,8 @@ pub(crate) struct Inner {
     /// search in flight and the tail most (`just bench`, 8 in flight on 2
     /// cores). Queued searches wait their turn in order instead.
     pub search_slots: Arc<tokio::sync::Semaphore>,
+    /// History pages being read from the stream (see `HISTORY_READS_MAX`).
+    pub history_slots: tokio::sync::Semaphore,
     pub statuses: Vec<Arc<Status>>,
     pub runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     pub rebuilds: std::sync::Mutex<HashMap<String, RebuildProgress>>,
@@ -141,6 +143,7 @@ impl AppState {
                 search_slots: Arc::new(tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
                 )),
+                history_slots: tokio::sync::Semaphore::new(crate::api::HISTORY_READS_MAX),
                 statuses,
                 runners: tokio::sync::Mutex::new(runners),
                 rebuilds: std::sync::Mutex::new(HashMap::new()),

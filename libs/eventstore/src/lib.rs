@@ -28,7 +28,9 @@ pub use envelope::{
     HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, format_rfc3339, parse_rfc3339,
 };
 pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
-pub use store::{AppendError, EventStore, LoadError, Replica, StartError, is_storage_full};
+pub use store::{
+    AppendError, EventStore, HistoryPage, LoadError, Replica, StartError, is_storage_full,
+};
 pub use stream::{
     DLQ_MAX_BYTES, DUPLICATE_WINDOW, ProvisionError, STREAM_MAX_BYTES_DEFAULT, StreamSpec,
     dlq_spec, provision,

@@ -6,7 +6,7 @@ use lru::LruCache;
 use time::OffsetDateTime;
 
 use crate::envelope::{EncodedEvent, Metadata, RecordedEvent};
-use crate::store::{AppendError, EventStore, LoadError};
+use crate::store::{AppendError, EventStore, LoadError, Replica};
 
 /// Reload-and-re-decide attempts after a concurrency conflict. Within one
 /// process writers to an aggregate are serialised, so conflicts only come from
@@ -121,30 +121,41 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    /// Folds the events after `from.last_seq` into `from`.
+    /// Folds the events after `from.last_seq` into `from`, one at a time,
+    /// read from `replica`.
     async fn catch_up(
         &self,
         id: &str,
-        mut from: Loaded<A::State>,
+        from: Loaded<A::State>,
+        replica: Replica,
     ) -> Result<Loaded<A::State>, LoadError> {
-        for recorded in self.store.load(id, from.last_seq).await? {
-            let event = A::decode(&recorded).map_err(|reason| LoadError::Corrupt {
-                seq: recorded.seq,
-                reason,
-            })?;
-            from.state = A::apply(from.state, &event).map_err(|reason| LoadError::Corrupt {
-                seq: recorded.seq,
-                reason,
-            })?;
-            // Each stored event bumps the version by one: contiguous versions.
-            from.version += 1;
-            assert!(recorded.seq > from.last_seq, "sequences must increase");
-            if from.first_seq == 0 {
-                from.first_seq = recorded.seq;
-            }
-            from.last_seq = recorded.seq;
-        }
-        Ok(from)
+        let after = from.last_seq;
+        let mut folded = Some(from);
+        self.store
+            .fold(id, after, replica, |recorded| {
+                let Some(mut from) = folded.take() else {
+                    return Ok(());
+                };
+                let event = A::decode(&recorded).map_err(|reason| LoadError::Corrupt {
+                    seq: recorded.seq,
+                    reason,
+                })?;
+                from.state = A::apply(from.state, &event).map_err(|reason| LoadError::Corrupt {
+                    seq: recorded.seq,
+                    reason,
+                })?;
+                // Each stored event bumps the version by one: contiguous versions.
+                from.version += 1;
+                assert!(recorded.seq > from.last_seq, "sequences must increase");
+                if from.first_seq == 0 {
+                    from.first_seq = recorded.seq;
+                }
+                from.last_seq = recorded.seq;
+                folded = Some(from);
+                Ok(())
+            })
+            .await?;
+        folded.ok_or_else(|| LoadError::Unavailable(format!("the fold of {id} was cut short")))
     }
 
     fn empty() -> Loaded<A::State> {
@@ -162,7 +173,7 @@ impl<A: Aggregate> Repository<A> {
     /// [`LoadError`] when the store is down or the history is corrupt.
     pub async fn load_fresh(&self, id: &str) -> Result<Loaded<A::State>, LoadError> {
         let base = self.cached(id).unwrap_or_else(Self::empty);
-        let loaded = self.catch_up(id, base).await?;
+        let loaded = self.catch_up(id, base, Replica::Leader).await?;
         if loaded.version > 0 {
             self.remember(id, &loaded);
         }
@@ -192,11 +203,15 @@ impl<A: Aggregate> Repository<A> {
             // still expects sequence 0, so a wrong guess is a conflict, not a bug.
             None if assume_new => (Self::empty(), false),
             Some(l) => (l, false),
+            // Read from any replica, which may lag: not fresh, so a rejection
+            // or a version mismatch is checked against the leader before it
+            // becomes final (a PATCH right after a create made through
+            // another instance must not be a 404).
             None => (
-                self.catch_up(id, Self::empty())
+                self.catch_up(id, Self::empty(), Replica::Any)
                     .await
                     .map_err(|e| self.load_failed(id, e))?,
-                true,
+                false,
             ),
         };
         for _ in 0..=CONFLICT_RETRIES_MAX {
@@ -276,8 +291,9 @@ impl<A: Aggregate> Repository<A> {
         id: &str,
         loaded: Loaded<A::State>,
     ) -> Result<Loaded<A::State>, ExecuteError<R>> {
+        // The leader has every acknowledged write: what it says is final.
         let loaded = self
-            .catch_up(id, loaded)
+            .catch_up(id, loaded, Replica::Leader)
             .await
             .map_err(|e| self.load_failed(id, e))?;
         if loaded.version > 0 {

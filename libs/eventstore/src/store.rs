@@ -1,6 +1,8 @@
 use async_nats::connection::State;
 use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use async_nats::jetstream::{self, context::PublishErrorKind};
+use std::ops::ControlFlow;
+
 use time::OffsetDateTime;
 
 use crate::envelope::{EncodedEvent, Metadata, RecordedEvent, headers_for};
@@ -65,6 +67,14 @@ pub enum LoadError {
     Corrupt { seq: u64, reason: String },
     #[error("aggregate {0} has more events than the fold limit")]
     TooLong(String),
+}
+
+/// A page of one aggregate's messages, see [`EventStore::history`].
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub entries: Vec<Result<RecordedEvent, (u64, String)>>,
+    /// More messages follow the last entry.
+    pub more: bool,
 }
 
 /// Which server answers a read.
@@ -441,32 +451,35 @@ impl EventStore {
         }
     }
 
-    /// Reads the events of `aggregate_id` with a sequence above `after_seq`, in
-    /// order (pass 0 for the whole history).
+    /// Folds the events of `aggregate_id` with a sequence above `after_seq`
+    /// through `each`, in order (pass 0 for the whole history), one at a
+    /// time: nothing holds the whole history, however long it is.
     ///
     /// # Errors
     /// [`LoadError::Corrupt`] names the sequence of an event whose envelope is
-    /// broken; [`LoadError::Unavailable`] when NATS does not answer.
-    pub async fn load(
+    /// broken; [`LoadError::Unavailable`] when NATS does not answer; and
+    /// whatever `each` returns.
+    pub async fn fold(
         &self,
         aggregate_id: &str,
         after_seq: u64,
-    ) -> Result<Vec<RecordedEvent>, LoadError> {
-        let mut events = Vec::new();
-        self.read_subject(aggregate_id, after_seq, Replica::Any, |entry| {
-            events.push(entry.map_err(|(seq, reason)| LoadError::Corrupt { seq, reason })?);
-            Ok(())
+        from: Replica,
+        mut each: impl FnMut(RecordedEvent) -> Result<(), LoadError>,
+    ) -> Result<(), LoadError> {
+        self.read_subject(aggregate_id, after_seq, from, |entry| {
+            each(entry.map_err(|(seq, reason)| LoadError::Corrupt { seq, reason })?)?;
+            Ok(ControlFlow::Continue(()))
         })
-        .await?;
-        Ok(events)
+        .await
     }
 
-    /// Every message on `aggregate_id`'s subject, in order, for showing it:
-    /// one whose envelope is broken (published by something other than a
-    /// command service) is an `Err` with its sequence and the reason, in its
-    /// place, instead of ending the read. [`Replica::Leader`] holds every
-    /// acknowledged write; with [`Replica::Any`] one that lags may miss the
-    /// latest.
+    /// One page of `aggregate_id`'s messages after `after_seq`, in order, for
+    /// showing them: at most `events_max`, and it stops before the payloads
+    /// pass `payload_bytes_max` (always at least one). A message whose
+    /// envelope is broken (published by something other than a command
+    /// service) is an `Err` with its sequence and the reason, in its place.
+    /// [`Replica::Leader`] holds every acknowledged write; with
+    /// [`Replica::Any`] one that lags may miss the latest.
     ///
     /// # Errors
     /// [`LoadError::Unavailable`] when NATS does not answer;
@@ -474,26 +487,40 @@ impl EventStore {
     pub async fn history(
         &self,
         aggregate_id: &str,
+        after_seq: u64,
         from: Replica,
-    ) -> Result<Vec<Result<RecordedEvent, (u64, String)>>, LoadError> {
-        let mut entries = Vec::new();
-        self.read_subject(aggregate_id, 0, from, |entry| {
-            entries.push(entry);
-            Ok(())
+        events_max: usize,
+        payload_bytes_max: usize,
+    ) -> Result<HistoryPage, LoadError> {
+        let mut page = HistoryPage {
+            entries: Vec::new(),
+            more: false,
+        };
+        let mut bytes = 0usize;
+        self.read_subject(aggregate_id, after_seq, from, |entry| {
+            let size = entry.as_ref().map_or(0, |e| e.payload.len());
+            if page.entries.len() >= events_max
+                || (!page.entries.is_empty() && bytes + size > payload_bytes_max)
+            {
+                page.more = true;
+                return Ok(ControlFlow::Break(()));
+            }
+            bytes += size;
+            page.entries.push(entry);
+            Ok(ControlFlow::Continue(()))
         })
         .await?;
-        Ok(entries)
+        Ok(page)
     }
 
-    /// Hands each message on `aggregate_id`'s subject above `after_seq` to
-    /// `each`, decoded into an event or, if its envelope is broken, as its
-    /// sequence and the reason.
+    /// Every message on `aggregate_id`'s subject after `after_seq`, in order,
+    /// through `each` until it breaks.
     async fn read_subject(
         &self,
         aggregate_id: &str,
         after_seq: u64,
         from: Replica,
-        mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<(), LoadError>,
+        mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
     ) -> Result<(), LoadError> {
         if !self.is_connected() {
             return Err(LoadError::Unavailable("not connected to NATS".into()));
@@ -539,7 +566,7 @@ impl EventStore {
                 return Err(LoadError::TooLong(aggregate_id.to_string()));
             }
             let seq = msg.sequence;
-            each(
+            let flow = each(
                 RecordedEvent::from_parts(
                     msg.subject.as_str(),
                     &self.subject_prefix,
@@ -549,6 +576,9 @@ impl EventStore {
                 )
                 .map_err(|e| (seq, e.to_string())),
             )?;
+            if flow.is_break() {
+                return Ok(());
+            }
         }
     }
 

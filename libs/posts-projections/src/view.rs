@@ -59,6 +59,32 @@ pub struct Row {
     pub deleted: bool,
 }
 
+impl Row {
+    /// What the row takes as JSON, with its id and field names: the text
+    /// with its escapes (a control character is 6 bytes) and ~250 bytes for
+    /// the rest.
+    #[must_use]
+    pub fn json_bytes(&self) -> usize {
+        const FIXED_BYTES: usize = 250;
+        FIXED_BYTES
+            + json_text_bytes(&self.title)
+            + json_text_bytes(&self.content)
+            + json_text_bytes(&self.author_name)
+    }
+}
+
+/// Bytes of `s` as a JSON string's contents, escapes included.
+fn json_text_bytes(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0C => 1,
+                0..0x20 => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
+}
+
 /// A page of listing results.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -674,6 +700,22 @@ impl ViewReader {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page, ViewError> {
+        self.list_within(author, limit, cursor, usize::MAX)
+    }
+
+    /// [`ViewReader::list`], stopping before the rows' JSON passes
+    /// `json_bytes_max` (at least one row; see [`Row::json_bytes`]):
+    /// `next_cursor` then carries on from the last row given.
+    ///
+    /// # Errors
+    /// As for [`ViewReader::list`].
+    pub fn list_within(
+        &self,
+        author: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+        json_bytes_max: usize,
+    ) -> Result<Page, ViewError> {
         let after = cursor.map(decode_cursor).transpose()?;
         let txn = self.db.begin_read().map_err(store_err)?;
         let posts = txn.open_table(POSTS).map_err(store_err)?;
@@ -699,18 +741,27 @@ impl ViewReader {
             let (at, id) = split_created(rest).ok_or_else(bad_key)?;
             ids.push((at, id.to_string()));
         }
-        let next_cursor = if ids.len() > limit {
-            ids.truncate(limit);
-            ids.last().map(|(at, id)| encode_cursor(*at, id))
-        } else {
-            None
-        };
+        let mut more = ids.len() > limit;
+        ids.truncate(limit);
         let mut rows = Vec::with_capacity(ids.len());
-        for (_, id) in ids {
+        let mut last = None;
+        let mut bytes = 0usize;
+        for (at, id) in ids {
             if let Some(g) = posts.get(id.as_bytes()).map_err(store_err)? {
-                rows.push((id, decode_row(g.value())?));
+                let row = decode_row(g.value())?;
+                let size = row.json_bytes();
+                if !rows.is_empty() && bytes.saturating_add(size) > json_bytes_max {
+                    more = true;
+                    break;
+                }
+                bytes += size;
+                rows.push((id.clone(), row));
             }
+            last = Some((at, id));
         }
+        let next_cursor = more
+            .then(|| last.map(|(at, id)| encode_cursor(at, &id)))
+            .flatten();
         Ok(Page { rows, next_cursor })
     }
 

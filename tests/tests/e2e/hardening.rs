@@ -5,7 +5,8 @@ use std::path::Path;
 
 use e2e_tests::{
     CONDITION_DEADLINE, InProcessService, Reply, StreamReader, Written, admin_url, http_client,
-    replay_args, run_replay, spawn_query_process, start_nats, testkit, wait_checkpoints, wait_for,
+    replay_args, run_replay, spawn_query_process, start_nats, start_nats_with, testkit,
+    wait_checkpoints, wait_for,
 };
 use serde_json::json;
 
@@ -283,5 +284,128 @@ async fn idempotency_keys_are_scoped_by_caller_and_backed_by_the_stream() -> Tes
         assert_eq!(id.get_version_num(), 5, "name-based: {id}");
     }
     assert_ne!(ids[0], ids[1]);
+    Ok(())
+}
+
+/// Finding 4: history had no pagination and lists capped only the count, so
+/// one request could make the service hold 100k events of 100 KB. Every
+/// page now stops before 4 MiB, and `next_cursor` carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
+    const BIG_POSTS: usize = 50;
+    const PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+    let nats = start_nats_with(&testkit::NatsOptions { sync_always: false }).await?;
+    let command = InProcessService::start_command(&nats.url()).await?;
+    let http = http_client();
+    let data = tempfile::Builder::new().prefix("pages").tempdir()?;
+    let (_query, base) = spawn_query_process(&nats.url(), data.path()).await?;
+    // 100 KB each, with escapes: a control character is 6 bytes as JSON.
+    let big = |i: usize| format!("{i} {}", "\u{1}bytes ".repeat(14_000));
+    let mut w = Written::default();
+    w.create_many(&http, &command.base_url, BIG_POSTS, |i| {
+        (format!("big {i}"), big(i), "ann".into())
+    })
+    .await?;
+    let id = w.order[0].clone();
+    for i in 0..BIG_POSTS {
+        w.update(
+            &http,
+            &command.base_url,
+            &id,
+            &json!({"content": big(i + 1000)}),
+        )
+        .await?;
+    }
+    wait_checkpoints(&http, &base, w.last_seq).await?;
+
+    // The listing: 1000 asked for, cut by bytes, every post exactly once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut req = http
+            .get(format!("{base}/posts"))
+            .query(&[("limit", "1000")]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let r = Reply::of(req).await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.body.len() < PAGE_BYTES_MAX,
+            "a page of {} bytes",
+            r.body.len()
+        );
+        let v = r.json();
+        seen.extend(
+            v["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|p| p["post_id"].as_str().expect("id").to_string()),
+        );
+        pages += 1;
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(pages > 1, "50 posts of ~130 KB of JSON do not fit one page");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    let mut want = w.order.clone();
+    want.sort();
+    assert_eq!(seen.len(), BIG_POSTS, "each post once: {seen:?}");
+    assert_eq!(sorted, want, "every post");
+
+    // The history: 51 events of one post, default page size 100, cut by bytes.
+    let mut seqs = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut req = http.get(format!("{base}/posts/{id}/events"));
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let r = Reply::of(req).await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.body.len() < PAGE_BYTES_MAX,
+            "a page of {} bytes",
+            r.body.len()
+        );
+        let v = r.json();
+        seqs.extend(
+            v["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|e| e["seq"].as_u64().expect("seq")),
+        );
+        pages += 1;
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(pages > 1, "51 events of ~130 KB do not fit one page");
+    assert_eq!(seqs.len(), BIG_POSTS + 1, "every event once: {seqs:?}");
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "in order: {seqs:?}");
+    // `limit` pages by count too, and a bad cursor is a 400.
+    let r = Reply::of(
+        http.get(format!("{base}/posts/{id}/events"))
+            .query(&[("limit", "2")]),
+    )
+    .await?;
+    let v = r.json();
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["next_cursor"], format!("s{}", seqs[1]));
+    Reply::of(
+        http.get(format!("{base}/posts/{id}/events"))
+            .query(&[("cursor", "x")]),
+    )
+    .await?
+    .assert_problem(400, "cursor");
     Ok(())
 }
