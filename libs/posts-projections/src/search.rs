@@ -61,6 +61,9 @@ const HEADERS_MAX: usize = 200_000;
 /// `SearchProjection::pending`): the last 8-16k, which re-edits of a post
 /// within a commit interval hit.
 const PENDING_DOCS_MAX: usize = 16_384;
+/// ... and at most this many bytes of their text: 16k documents of 100 KB
+/// were 1.6 GB.
+const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Tantivy indexing threads, sharing the writer heap. Indexing is most of
 /// `post-search`'s CPU, and a commit makes the writer finish, serialise and
 /// fsync every thread's segment while the runner waits: with one thread,
@@ -251,6 +254,7 @@ fn open_with(
             parked_recent: payload.parked_recent,
             pending: foldhash::HashMap::default(),
             pending_old: foldhash::HashMap::default(),
+            pending_bytes: 0,
             touched: foldhash::HashSet::default(),
             known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
                 .then(foldhash::HashSet::default),
@@ -287,6 +291,9 @@ pub struct SearchProjection {
     /// ids, not attacker-chosen lookups.
     pending: foldhash::HashMap<String, Doc>,
     pending_old: foldhash::HashMap<String, Doc>,
+    /// Text bytes put in `pending` since its generation began (an upper
+    /// bound: a replaced document is counted twice).
+    pending_bytes: usize,
     /// Fingerprints of every id changed since the last commit: one that is
     /// no longer in `pending` makes the next change of it commit first, so
     /// that the index has its document.
@@ -499,6 +506,7 @@ impl SearchProjection {
     fn forget_pending(&mut self) {
         self.pending.clear();
         self.pending_old.clear();
+        self.pending_bytes = 0;
         self.touched.clear();
     }
 
@@ -666,11 +674,14 @@ impl SearchProjection {
             return Ok(());
         }
         self.touched.insert(fp);
-        if self.pending.len() >= PENDING_DOCS_MAX / 2 {
+        if self.pending.len() >= PENDING_DOCS_MAX / 2 || self.pending_bytes >= PENDING_BYTES_MAX / 2
+        {
             // The older generation goes; both tables keep their capacity.
             std::mem::swap(&mut self.pending, &mut self.pending_old);
             self.pending.clear();
+            self.pending_bytes = 0;
         }
+        self.pending_bytes += doc.title.len() + doc.content.len() + doc.author_name.len();
         self.pending.insert(id, doc);
         Ok(())
     }

@@ -113,6 +113,57 @@ struct Batch {
     items: Vec<Incoming>,
     /// Messages the server still had for us after the last one of the batch.
     pending_after: u64,
+    /// The batch's share of its reader's [`Budget`], given back when the
+    /// last runner is done with it.
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What one reader of the stream may hold in batches not yet applied, in
+/// bytes: the event counts (batches of 2000, 32 queued per runner, ranges
+/// of 25k read ahead) bound nothing when events are 100 KB each, and a
+/// catch-up of such events took several GB.
+const FEED_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The same for each range reader (each its own, so that the reader of the
+/// range being handed over never waits on one reading ahead).
+const RANGE_READER_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// A batch is handed over at this size whatever its event count.
+const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// What an event takes beyond its payload: envelope strings, the struct.
+const EVENT_OVERHEAD_BYTES: usize = 320;
+
+/// A byte budget in KiB permits: a batch takes its size before it is handed
+/// over and gives it back when dropped.
+#[derive(Clone)]
+struct Budget {
+    permits: Arc<tokio::sync::Semaphore>,
+    kib_max: u32,
+}
+
+impl Budget {
+    fn new(bytes_max: usize) -> Self {
+        let kib_max = u32::try_from(bytes_max / 1024).unwrap_or(u32::MAX).max(1);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(kib_max as usize)),
+            kib_max,
+        }
+    }
+
+    /// Waits until `items` fit, and returns their share; `None` only if the
+    /// budget was closed (never).
+    async fn take(&self, items: &[Incoming]) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(events_bytes(items).div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.kib_max);
+        self.permits.clone().acquire_many_owned(kib).await.ok()
+    }
+}
+
+fn event_bytes(i: &Incoming) -> usize {
+    EVENT_OVERHEAD_BYTES + i.envelope.as_ref().map_or(0, |e| e.payload.len())
+}
+
+fn events_bytes(items: &[Incoming]) -> usize {
+    items.iter().map(event_bytes).sum()
 }
 
 impl Batch {
@@ -738,7 +789,7 @@ fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
 
 /// What a range reader hands over for one range.
 enum RangePart {
-    Events(Vec<Incoming>),
+    Events(Vec<Incoming>, Option<tokio::sync::OwnedSemaphorePermit>),
     /// The range is done: every event of it was handed over.
     Done,
     Failed(String),
@@ -804,7 +855,7 @@ async fn read_ranges(
         let part_rx = &mut parts[usize::try_from(i % RANGE_READERS).unwrap_or(0)];
         loop {
             match part_rx.recv().await {
-                Some(RangePart::Events(mut items)) => {
+                Some(RangePart::Events(mut items, bytes)) => {
                     // Each reader hands its ranges over in order; keep
                     // strict stream order whatever happens.
                     items.retain(|e| e.seq >= next && e.seq <= range_end);
@@ -815,6 +866,7 @@ async fn read_ranges(
                     let batch = Batch {
                         items,
                         pending_after: end - last,
+                        _bytes: bytes,
                     };
                     if tx.send(batch).await.is_err() {
                         return None;
@@ -858,6 +910,7 @@ async fn read_range_set(
             .ok_or("no URLs to open another connection with")?
     };
     let prefix = store.subject_prefix().to_string();
+    let budget = Budget::new(RANGE_READER_BYTES_MAX);
     for (first, last) in bounds {
         let consumer = store
             .stream()
@@ -866,6 +919,7 @@ async fn read_range_set(
             .map_err(|e| e.to_string())?;
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         let mut items = Vec::with_capacity(RANGE_BATCH_EVENTS);
+        let mut bytes = 0;
         loop {
             // Every event of the range is in the stream already.
             let msg = match tokio::time::timeout(STALL_TIMEOUT, messages.next()).await {
@@ -882,19 +936,26 @@ async fn read_range_set(
             if seq > last {
                 break;
             }
-            items.push(to_incoming(&msg.message, seq, &prefix));
+            let incoming = to_incoming(&msg.message, seq, &prefix);
+            bytes += event_bytes(&incoming);
+            items.push(incoming);
             if seq == last {
                 break;
             }
-            if items.len() >= RANGE_BATCH_EVENTS {
+            if items.len() >= RANGE_BATCH_EVENTS || bytes >= BATCH_BYTES_MAX {
                 let full = std::mem::replace(&mut items, Vec::with_capacity(RANGE_BATCH_EVENTS));
-                if parts.send(RangePart::Events(full)).await.is_err() {
+                bytes = 0;
+                let share = budget.take(&full).await;
+                if parts.send(RangePart::Events(full, share)).await.is_err() {
                     return Ok(());
                 }
             }
         }
-        if !items.is_empty() && parts.send(RangePart::Events(items)).await.is_err() {
-            return Ok(());
+        if !items.is_empty() {
+            let share = budget.take(&items).await;
+            if parts.send(RangePart::Events(items, share)).await.is_err() {
+                return Ok(());
+            }
         }
         if parts.send(RangePart::Done).await.is_err() {
             return Ok(());
@@ -915,6 +976,7 @@ async fn fetch(
     health: Health,
 ) {
     let mut next = from;
+    let budget = Budget::new(FEED_BYTES_MAX);
     if let Ok(head) = store.last_seq().await {
         let end = options.stop_at.map_or(head, |stop| stop.min(head));
         if end >= from && end + 1 - from >= options.ranges_from_events {
@@ -927,7 +989,7 @@ async fn fetch(
     let mut backoff = BACKOFF_MIN;
     loop {
         let before = next;
-        match fetch_once(&store, &mut next, &tx, &options, &health).await {
+        match fetch_once(&store, &mut next, &tx, &options, &health, &budget).await {
             Ok(()) => return, // receiver gone: we are being stopped
             Err(e) => {
                 if next > before {
@@ -979,6 +1041,7 @@ async fn fetch_once(
     tx: &mpsc::Sender<Batch>,
     options: &RunnerOptions,
     health: &Health,
+    budget: &Budget,
 ) -> Result<(), String> {
     let stream = store
         .jetstream()
@@ -1044,7 +1107,8 @@ async fn fetch_once(
                 .unwrap_or(usize::MAX)
                 .min(options.batch_events_max.saturating_sub(1)),
         );
-        while items.len() < options.batch_events_max {
+        let mut bytes = items.first().map_or(0, event_bytes);
+        while items.len() < options.batch_events_max && bytes < BATCH_BYTES_MAX {
             let ready = match messages.next().now_or_never() {
                 Some(m) => Some(m),
                 // Behind the head, wait a moment for a fuller batch: tiny
@@ -1060,18 +1124,24 @@ async fn fetch_once(
                 None => None,
             };
             match ready {
-                Some(Some(Ok(msg))) => pending_after = push(msg, &mut items, next)?,
+                Some(Some(Ok(msg))) => {
+                    let had = items.len();
+                    pending_after = push(msg, &mut items, next)?;
+                    if items.len() > had {
+                        bytes += items.last().map_or(0, event_bytes);
+                    }
+                }
                 Some(Some(Err(e))) => {
-                    if !items.is_empty()
-                        && tx
-                            .send(Batch {
-                                items,
-                                pending_after,
-                            })
-                            .await
-                            .is_err()
-                    {
-                        return Ok(());
+                    if !items.is_empty() {
+                        let share = budget.take(&items).await;
+                        let batch = Batch {
+                            items,
+                            pending_after,
+                            _bytes: share,
+                        };
+                        if tx.send(batch).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     return Err(e.to_string());
                 }
@@ -1086,14 +1156,13 @@ async fn fetch_once(
             }
             continue;
         }
-        if tx
-            .send(Batch {
-                items,
-                pending_after,
-            })
-            .await
-            .is_err()
-        {
+        let share = budget.take(&items).await;
+        let batch = Batch {
+            items,
+            pending_after,
+            _bytes: share,
+        };
+        if tx.send(batch).await.is_err() {
             return Ok(());
         }
     }
@@ -1393,6 +1462,89 @@ mod tests {
                 good_status.visible()
             );
         }
+    }
+
+    /// Finding 4: the feed's buffers counted events, so a backlog of
+    /// 100 KB events filled GBs. What a reader holds unapplied is bounded in
+    /// bytes, and a batch stops at [`BATCH_BYTES_MAX`].
+    #[tokio::test]
+    async fn big_events_are_read_within_the_byte_budget() {
+        const EVENTS: u64 = 100;
+        const EVENT_BYTES: usize = 900 * 1024;
+        let nats = NatsServer::start().unwrap();
+        let store = EventStore::connect(&[nats.url()], "budget-test", &StreamSpec::posts(1))
+            .await
+            .unwrap();
+        let mut acks = Vec::new();
+        for i in 0..EVENTS {
+            let payload = bytes::Bytes::from(vec![b'x'; EVENT_BYTES]);
+            // A whole envelope: an event whose envelope does not decode
+            // keeps no payload, and would take nothing of the budget.
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("e{i}").as_str());
+            headers.insert("Event-Type", "Big");
+            headers.insert("Event-Schema", "1");
+            headers.insert("Occurred-At", "2026-01-01T00:00:00Z");
+            headers.insert("Correlation-Id", "c");
+            headers.insert("Causation-Id", "c");
+            acks.push(
+                store
+                    .jetstream()
+                    .publish_with_headers(format!("posts.{i}"), headers, payload)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(10_000);
+        let options = RunnerOptions {
+            ranges_from_events: u64::MAX,
+            ..RunnerOptions::live()
+        };
+        let fetcher = tokio::spawn(fetch(
+            store,
+            1,
+            tx,
+            options,
+            "test".into(),
+            Health::default(),
+        ));
+        // Nothing is applied: every batch received is held here, with its share.
+        let mut held = Vec::new();
+        let mut held_bytes = 0;
+        while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            let bytes = events_bytes(&batch.items);
+            assert!(
+                bytes <= BATCH_BYTES_MAX + EVENT_BYTES + EVENT_OVERHEAD_BYTES,
+                "{bytes}"
+            );
+            held_bytes += bytes;
+            held.push(batch);
+        }
+        let held_events: usize = held.iter().map(|b| b.items.len()).sum();
+        assert!(
+            held.iter()
+                .all(|b| b.items.iter().all(|i| i.envelope.is_ok())),
+            "envelopes decode"
+        );
+        assert!(held_bytes <= FEED_BYTES_MAX, "{held_bytes} bytes held");
+        assert!(
+            (held_events as u64) < EVENTS,
+            "the feed stopped at its budget"
+        );
+        // Applied (dropped): the rest comes.
+        let mut last = held.last().map(Batch::last_seq).unwrap_or(0);
+        drop(held);
+        while last < EVENTS {
+            let batch = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the feed resumes once batches are applied")
+                .expect("the feed ended");
+            last = batch.last_seq();
+        }
+        fetcher.abort();
     }
 
     #[tokio::test]
