@@ -162,6 +162,33 @@ fn capitalised(word: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Content padded to about this many bytes (`bench --content-bytes`); 0:
+/// as generated. Set once, before the corpus is used.
+static CONTENT_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Pads every post's content to about `bytes` from now on (its own words
+/// repeated), for runs with big posts.
+pub fn set_content_bytes(bytes: usize) {
+    let _ = CONTENT_BYTES.set(bytes);
+}
+
+/// `content` repeated, sentence by sentence, to at most `bytes` (the
+/// words a search finds stay the same).
+fn padded(content: String) -> String {
+    let bytes = CONTENT_BYTES.get().copied().unwrap_or(0);
+    if content.len() >= bytes {
+        return content;
+    }
+    let mut out = String::with_capacity(bytes);
+    while out.len() + content.len() < bytes {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&content);
+    }
+    if out.is_empty() { content } else { out }
+}
+
 /// The text of post `post_index` at `revision` (0 = as created).
 #[must_use]
 pub fn post_text(vocab: &Vocabulary, post_index: u64, revision: u64) -> PostText {
@@ -197,7 +224,7 @@ pub fn post_text(vocab: &Vocabulary, post_index: u64, revision: u64) -> PostText
     content.push('.');
     PostText {
         title: title_words.join(" "),
-        content,
+        content: padded(content),
         author_name: format!("author-{:03}", mix(post_index ^ 0xA07) % AUTHORS),
     }
 }

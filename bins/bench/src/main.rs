@@ -58,6 +58,14 @@ struct Args {
     /// Backlog size override, in events (at least 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     events: Option<u64>,
+    /// Posts in the backlog (at most the events); the others are updates.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    posts: Option<u64>,
+    /// Pad every post's content to about this many bytes (its own words
+    /// repeated, at most 100000): big posts for the memory bounds, e.g.
+    /// `--only catchup --events 20000 --posts 20000 --content-bytes 100000`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    content_bytes: Option<u64>,
     /// Where to write the JSON report (default: <target>/bench/report.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -140,6 +148,9 @@ impl Sizes {
         if let Some(n) = args.events {
             sizes.events = n;
             sizes.posts = sizes.posts.min(n);
+        }
+        if let Some(n) = args.posts {
+            sizes.posts = n.min(sizes.events);
         }
         sizes
     }
@@ -312,6 +323,9 @@ fn main() -> anyhow::Result<()> {
     point_testkit_at_own_dir();
     let args = Args::parse();
     let sizes = Sizes::from_args(&args);
+    if let Some(n) = args.content_bytes {
+        corpus::set_content_bytes(usize::try_from(n).unwrap_or(100_000));
+    }
     check_binaries()?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let version = nats_version();

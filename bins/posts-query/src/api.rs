@@ -52,7 +52,10 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// What the service answers while it waits for its stream and opens its
-/// stores: `/livez` 200, everything else 503 with `Retry-After`.
+/// stores: `/livez` 200, everything else 503 with `Retry-After`. Every
+/// answer closes its connection: when the real service takes over the
+/// socket, no client is left on a kept-alive connection of this one (which
+/// closes then, failing a request sent at that instant).
 pub(crate) fn starting_app() -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
@@ -62,6 +65,15 @@ pub(crate) fn starting_app() -> Router {
                 RETRY_AFTER_SECS,
             )
         })
+        .layer(axum::middleware::map_response(
+            |mut resp: Response| async move {
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                resp
+            },
+        ))
 }
 
 type Params = Query<HashMap<String, String>>;
@@ -233,6 +245,20 @@ async fn list(
     .into_response())
 }
 
+/// A history page's cursor: `s<seq>`, the last sequence of the page before.
+fn decode_history_cursor(cursor: &str) -> Result<u64, Problem> {
+    cursor
+        .strip_prefix('s')
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| {
+            bad(
+                "invalid-cursor",
+                "cursor is malformed; use next_cursor from a previous page",
+            )
+        })
+}
+
 fn decode_offset(cursor: &str) -> Result<usize, Problem> {
     cursor
         .strip_prefix("o")
@@ -369,15 +395,7 @@ async fn history(
     let limit = limit_or(&params, HISTORY_LIMIT_DEFAULT)?;
     let after_seq = match params.get("cursor").filter(|c| !c.is_empty()) {
         None => 0,
-        Some(c) => c
-            .strip_prefix('s')
-            .and_then(|n| n.parse::<u64>().ok())
-            .ok_or_else(|| {
-                bad(
-                    "invalid-cursor",
-                    "cursor is malformed; use next_cursor from a previous page",
-                )
-            })?,
+        Some(c) => decode_history_cursor(c)?,
     };
     let _slot = state
         .inner
@@ -543,5 +561,53 @@ async fn readyz(State(state): State<AppState>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else {
         Problem::unavailable(not_ready.join("; "), RETRY_AFTER_SECS).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Fuzz targets (hardening finding 11): every parameter parser of a read
+    // takes any text and answers a value or a 400, never a panic.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
+        #[test]
+        fn any_parameter_text_parses_or_is_a_400(
+            raw in proptest::prelude::prop_oneof![
+                "\\PC{0,30}",
+                "[so]?[0-9]{0,25}",
+                "[ +-]?[0-9]{0,22} ?",
+            ],
+            header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        ) {
+            let params: HashMap<String, String> = [
+                ("min_seq".to_string(), raw.clone()),
+                ("limit".to_string(), raw.clone()),
+                ("include_deleted".to_string(), raw.clone()),
+            ]
+            .into();
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = axum::http::HeaderValue::from_bytes(&header) {
+                headers.insert("x-min-seq", v);
+            }
+            let problems = [
+                min_seq(&params, &headers).err(),
+                min_seq(&HashMap::new(), &headers).err(),
+                limit(&params).err(),
+                flag(&params, "include_deleted").err(),
+                decode_offset(&raw).err(),
+                decode_history_cursor(&raw).err(),
+            ];
+            for p in problems.into_iter().flatten() {
+                proptest::prop_assert_eq!(p.status, StatusCode::BAD_REQUEST);
+            }
+            if let Ok(n) = limit(&params) {
+                proptest::prop_assert!((1..=LIMIT_MAX).contains(&n));
+            }
+            if let Ok(n) = decode_offset(&raw) {
+                proptest::prop_assert!(n <= SEARCH_OFFSET_MAX);
+            }
+        }
     }
 }

@@ -226,4 +226,50 @@ mod tests {
             RecordedEvent::from_parts("posts.a.b", "posts.", 1, None, Bytes::new()).unwrap_err();
         assert!(matches!(err, EnvelopeError::Subject(_)));
     }
+
+    // Fuzz target (hardening finding 11): any subject, headers and payload
+    // give an envelope or an error, never a panic, and a decoded envelope
+    // holds exactly what the headers said.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
+        #[test]
+        fn any_message_decodes_or_fails_cleanly(
+            subject in "(posts\\.)?[a-z0-9.>*-]{0,40}",
+            headers in proptest::collection::vec(
+                (
+                    proptest::prelude::prop_oneof![
+                        proptest::prelude::Just(HEADER_MSG_ID),
+                        proptest::prelude::Just(HEADER_EVENT_TYPE),
+                        proptest::prelude::Just(HEADER_EVENT_SCHEMA),
+                        proptest::prelude::Just(HEADER_OCCURRED_AT),
+                        proptest::prelude::Just(HEADER_CORRELATION_ID),
+                        proptest::prelude::Just(HEADER_CAUSATION_ID),
+                        proptest::prelude::Just("Other"),
+                    ],
+                    proptest::prelude::prop_oneof![
+                        "[ -~]{0,40}",
+                        proptest::prelude::Just("2026-12-07T05:23:52.123456Z".to_string()),
+                        "[0-9]{1,12}",
+                    ],
+                ),
+                0..10,
+            ),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in &headers {
+                map.insert(*name, value.as_str());
+            }
+            if let Ok(env) =
+                RecordedEvent::from_parts(&subject, "posts.", 7, Some(&map), Bytes::from(payload))
+            {
+                proptest::prop_assert_eq!(env.seq, 7);
+                proptest::prop_assert!(!env.aggregate_id.contains('.'));
+                proptest::prop_assert_eq!(
+                    Some(env.event_type.as_str()),
+                    map.get(HEADER_EVENT_TYPE).map(|v| v.as_str())
+                );
+            }
+        }
+    }
 }

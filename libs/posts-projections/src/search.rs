@@ -64,6 +64,12 @@ const PENDING_DOCS_MAX: usize = 16_384;
 /// ... and at most this many bytes of their text: 16k documents of 100 KB
 /// were 1.6 GB.
 const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Text handed to the writer between two commits, at most (plus a batch):
+/// tantivy's indexing queue holds 10k documents, which were 1 GB and more
+/// of 100 KB posts (`bench --content-bytes 100000`: 2.4 GB anonymous
+/// memory in a catch-up). Ordinary posts never reach it between the
+/// timed commits.
+const WRITTEN_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Tantivy indexing threads, sharing the writer heap. Indexing is most of
 /// `post-search`'s CPU, and a commit makes the writer finish, serialise and
 /// fsync every thread's segment while the runner waits: with one thread,
@@ -255,6 +261,7 @@ fn open_with(
             pending: foldhash::HashMap::default(),
             pending_old: foldhash::HashMap::default(),
             pending_bytes: 0,
+            written_bytes: 0,
             touched: foldhash::HashSet::default(),
             known: (payload.checkpoint == 0 && search_reader.reader.searcher().num_docs() == 0)
                 .then(foldhash::HashSet::default),
@@ -294,6 +301,10 @@ pub struct SearchProjection {
     /// Text bytes put in `pending` since its generation began (an upper
     /// bound: a replaced document is counted twice).
     pending_bytes: usize,
+    /// Text bytes handed to the writer since the last commit: tantivy
+    /// queues up to 10k documents for its indexing threads, whatever their
+    /// size, so a batch boundary past [`WRITTEN_BYTES_MAX`] commits.
+    written_bytes: usize,
     /// Fingerprints of every id changed since the last commit: one that is
     /// no longer in `pending` makes the next change of it commit first, so
     /// that the index has its document.
@@ -653,6 +664,7 @@ impl SearchProjection {
         self.writer
             .add_document(to_tantivy(&doc, f))
             .map_err(ProjectionError::new)?;
+        self.written_bytes += doc.title.len() + doc.content.len() + doc.author_name.len();
         if let Some(known) = &mut self.known {
             if known.len() < KNOWN_IDS_MAX {
                 known.insert(fp);
@@ -707,6 +719,7 @@ impl SearchProjection {
         self.checkpoint = self.applied;
         self.forget_pending();
         self.last_commit = Instant::now();
+        self.written_bytes = 0;
         Ok(())
     }
 }
@@ -902,7 +915,7 @@ impl Projection for SearchProjection {
         } else {
             COMMIT_INTERVAL
         };
-        if self.last_commit.elapsed() >= interval {
+        if self.last_commit.elapsed() >= interval || self.written_bytes >= WRITTEN_BYTES_MAX {
             self.commit()?;
         }
         Ok(parked)
@@ -957,6 +970,7 @@ impl Projection for SearchProjection {
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
         self.writer.rollback().map_err(ProjectionError::new)?;
+        self.written_bytes = 0;
         prepare_writer(&self.writer, self.rebuild).map_err(ProjectionError::new)?;
         // A commit whose reload failed left the searcher behind the index.
         self.reader.reader.reload().map_err(ProjectionError::new)?;
@@ -2645,6 +2659,71 @@ mod tests {
             reader.search(&q, None, 10, 0),
             Err(SearchError::TooManyTerms)
         ));
+    }
+
+    // Fuzz target (hardening finding 11): any query text is a result or one
+    // of the query errors, never a panic or an index error, on an index
+    // holding a few posts.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_500))]
+        #[test]
+        fn any_query_text_searches_or_is_refused(
+            q in proptest::prelude::prop_oneof![
+                "\\PC{0,80}",
+                "[a-z\" -]{0,120}",
+                "[a-zé東\"()*:~^-]{0,40}",
+            ],
+            author in proptest::option::of("[a-z]{0,5}"),
+            offset in 0usize..50,
+        ) {
+            let reader = fuzz_reader();
+            match reader.search(&q, author.as_deref(), 10, offset) {
+                Ok(r) => proptest::prop_assert!(r.hits.len() <= 10),
+                Err(SearchError::Index(e)) => proptest::prop_assert!(false, "{q:?}: {e}"),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// One small index for every fuzz case, built once.
+    fn fuzz_reader() -> &'static SearchReader {
+        static READER: std::sync::OnceLock<(tempfile::TempDir, SearchReader)> =
+            std::sync::OnceLock::new();
+        &READER
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let (mut p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+                let texts = [
+                    (
+                        "Event sourcing on JetStream",
+                        "the stream is the source of truth",
+                    ),
+                    ("Café au lait", "résumé of a long day"),
+                    ("東京", "quoted \"phrases\" and typos: jetstrem"),
+                ];
+                let events: Vec<Incoming> = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (title, content))| {
+                        crate::incoming_at(
+                            i as u64 + 1,
+                            &format!("p{i}"),
+                            1_700_000_000,
+                            &posts::Event::Created {
+                                title: (*title).into(),
+                                content: (*content).into(),
+                                author_name: "ann".into(),
+                            },
+                        )
+                    })
+                    .collect();
+                let batch: Vec<&Incoming> = events.iter().collect();
+                p.apply_batch(&batch).unwrap();
+                p.flush().unwrap();
+                drop(p);
+                (dir, reader)
+            })
+            .1
     }
 
     #[test]

@@ -1145,4 +1145,23 @@ mod tests {
         assert_eq!(r.checkpoint().unwrap(), 1);
         assert_eq!(stored_format(&r.db).unwrap(), Some(FORMAT));
     }
+
+    // Fuzz target (hardening finding 11): any cursor text pages on or is
+    // refused as a bad cursor, never a panic.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
+        #[test]
+        fn any_cursor_pages_or_is_refused(
+            cursor in proptest::prelude::prop_oneof![
+                "\\PC{0,40}",
+                "[0-9a-f]{0,80}",
+                "(2d)?[0-9a-f]{0,30}2f[0-9a-f]{0,40}",
+            ],
+        ) {
+            match decode_cursor(&cursor) {
+                Ok((_, id)) => proptest::prop_assert!(id.len() <= 256),
+                Err(e) => proptest::prop_assert!(matches!(e, ViewError::BadCursor)),
+            }
+        }
+    }
 }

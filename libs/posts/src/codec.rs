@@ -222,4 +222,40 @@ mod tests {
             Err(DecodeError::Malformed { .. })
         ));
     }
+
+    // Fuzz target (hardening finding 11): any type, schema and bytes decode
+    // to an event or an error, never a panic; what `encode` wrote decodes
+    // back to the same event.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(
+            ty in proptest::prelude::prop_oneof![
+                proptest::prelude::Just("PostCreated".to_string()),
+                proptest::prelude::Just("PostUpdated".to_string()),
+                proptest::prelude::Just("PostDeleted".to_string()),
+                ".{0,20}",
+            ],
+            schema in 0u32..5,
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let _ = decode(&ty, schema, &bytes);
+        }
+
+        #[test]
+        fn encoded_events_decode_to_themselves(
+            title in ".{0,40}",
+            content in ".{0,200}",
+            author in proptest::option::of(".{0,20}"),
+            kind in 0u8..3,
+        ) {
+            let event = match kind {
+                0 => Event::Created { title, content, author_name: author.unwrap_or_default() },
+                1 => Event::Updated { title: Some(title), content: None, author_name: author },
+                _ => Event::Deleted,
+            };
+            let (ty, schema, bytes) = encode(&event);
+            proptest::prop_assert_eq!(decode(ty, schema, &bytes), Ok(event));
+        }
+    }
 }
