@@ -112,6 +112,9 @@ pub fn http_client_with_timeout(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
+        // The services close connections idle for 20 s (servicekit::Limits):
+        // a pooled one is dropped before, never reused as the server closes it.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .expect("build reqwest client")
 }

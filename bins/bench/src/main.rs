@@ -174,6 +174,8 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(HTTP_POOL_IDLE_MAX)
+        // The services close connections idle for 20 s.
+        .pool_idle_timeout(Duration::from_secs(5))
         .timeout(HTTP_REQUEST_TIMEOUT)
         .build()?)
 }

@@ -126,13 +126,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "posts-command listening");
     let client = state.repo().store().client().clone();
-    // Responses are single writes: no reason to let Nagle hold any back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    servicekit::serve(listener, app(state), servicekit::Limits::SERVICE, shutdown).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     tracing::info!("posts-command stopped");
     Ok(())

@@ -52,10 +52,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// What the service answers while it waits for its stream and opens its
-/// stores: `/livez` 200, everything else 503 with `Retry-After`. Every
-/// answer closes its connection: when the real service takes over the
-/// socket, no client is left on a kept-alive connection of this one (which
-/// closes then, failing a request sent at that instant).
+/// stores: `/livez` 200, everything else 503 with `Retry-After`.
 pub(crate) fn starting_app() -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
@@ -65,15 +62,6 @@ pub(crate) fn starting_app() -> Router {
                 RETRY_AFTER_SECS,
             )
         })
-        .layer(axum::middleware::map_response(
-            |mut resp: Response| async move {
-                resp.headers_mut().insert(
-                    axum::http::header::CONNECTION,
-                    axum::http::HeaderValue::from_static("close"),
-                );
-                resp
-            },
-        ))
 }
 
 type Params = Query<HashMap<String, String>>;

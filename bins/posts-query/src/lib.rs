@@ -8,9 +8,10 @@
 mod api;
 mod live;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use eventstore::{EventStore, StreamSpec};
@@ -71,7 +72,9 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
     AppState::open(store, lock, admin, &config.data_dir)
 }
 
-/// Binds `config.listen` and serves until `shutdown` resolves.
+/// Binds `config.listen` and serves until `shutdown` resolves. Until the
+/// stream exists and the stores are open, the socket answers 503 (readyz
+/// too), so that nothing hangs on a service that is up but not ready.
 ///
 /// # Errors
 /// When start-up checks fail or the address cannot be bound.
@@ -79,42 +82,11 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let bound = std::net::TcpListener::bind(config.listen)
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    bound.set_nonblocking(true)?;
-    let addr = bound.local_addr()?;
-    // Until the stream exists and the stores are open, the same socket
-    // answers 503 (readyz too), so that nothing hangs on a service that is
-    // up but not yet ready.
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let starting = tokio::spawn(
-        axum::serve(
-            tokio::net::TcpListener::from_std(bound.try_clone()?)?,
-            api::starting_app(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = started_rx.await;
-        })
-        .into_future(),
-    );
-    let mut shutdown = Box::pin(shutdown);
-    let started = tokio::select! {
-        s = start(&config, addr) => s,
-        () = &mut shutdown => {
-            let _ = started_tx.send(());
-            let _ = starting.await;
-            tracing::info!("posts-query stopped before it was ready");
-            return Ok(());
-        }
-    };
-    let _ = started_tx.send(());
-    let _ = starting.await;
-    run(
-        started?,
-        tokio::net::TcpListener::from_std(bound)?,
-        shutdown,
-    )
-    .await
+    let addr = listener.local_addr()?;
+    serve_gated(listener, start(&config, addr), shutdown).await
 }
 
 /// Serves on `listener` until `shutdown`, then stops the runners, which
@@ -127,7 +99,49 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_gated(listener, async { Ok(state) }, shutdown).await
+}
+
+/// One server on `listener` from the start: it answers as
+/// [`api::starting_app`] until `state` is ready, then as [`app`]. (Two
+/// servers one after the other on the socket would close the first one's
+/// connections at the handover, failing a request sent at that instant.)
+async fn serve_gated(
+    listener: tokio::net::TcpListener,
+    state: impl Future<Output = anyhow::Result<AppState>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let ready: Arc<OnceLock<axum::Router>> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let public = tokio::spawn(servicekit::serve(
+        listener,
+        gate(ready.clone()),
+        servicekit::Limits::SERVICE,
+        stopped(stop_rx.clone()),
+    ));
+    let mut shutdown = Box::pin(shutdown);
+    let started = tokio::select! {
+        s = state => Some(s),
+        () = &mut shutdown => None,
+    };
+    let state = match started {
+        Some(Ok(s)) => s,
+        failed_or_stopped => {
+            let _ = stop_tx.send(true);
+            let _ = public.await;
+            return match failed_or_stopped {
+                Some(failed) => failed.map(drop),
+                None => {
+                    tracing::info!("posts-query stopped before it was ready");
+                    Ok(())
+                }
+            };
+        }
+    };
     let admin = state
         .inner
         .admin_listener
@@ -136,37 +150,33 @@ pub async fn run(
         .and_then(|mut g| g.take())
         .context("the admin listener was taken already (run called twice?)")?;
     let admin_addr = admin.local_addr()?;
+    let _ = ready.set(app(state.clone()));
     tracing::info!(%addr, admin = %admin_addr, "posts-query listening");
-    // Responses are single writes: no reason to let Nagle hold any back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let admin_server = tokio::spawn(
-        axum::serve(admin, admin_app(state.clone()))
-            .with_graceful_shutdown(admin_stop)
-            .into_future(),
-    );
-    let served = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let admin_server = tokio::spawn(servicekit::serve(
+        admin,
+        admin_app(state.clone()),
+        servicekit::Limits::SERVICE,
+        stopped(stop_rx),
+    ));
+    shutdown.await;
     // The admin listener stops with the public one (a swap in flight runs
     // to its end as a task of its own).
-    let _ = stop_rx;
+    let _ = stop_tx.send(true);
+    let served = public.await;
     if let Ok(Err(e)) = admin_server.await {
         tracing::warn!(error = %e, "admin listener failed");
     }
-    served?;
+    served??;
     state.stop().await;
     tracing::info!("posts-query stopped");
     Ok(())
+}
+
+/// The public router: [`api::starting_app`] until `ready` is set, then it.
+fn gate(ready: Arc<OnceLock<axum::Router>>) -> axum::Router {
+    let starting = api::starting_app();
+    axum::Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
+        let target = ready.get().cloned().unwrap_or_else(|| starting.clone());
+        async move { tower::ServiceExt::oneshot(target, req).await }
+    }))
 }

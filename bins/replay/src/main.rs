@@ -246,7 +246,12 @@ async fn replay_one(
     mode: &Mode,
 ) -> anyhow::Result<Outcome> {
     let status = Status::new(name, 0, 0);
-    let http = reqwest::Client::new();
+    // The service closes connections idle for 20 s; a merge can take longer
+    // between two progress reports and the swap.
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .context("cannot build an HTTP client")?;
     let compacting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress = tokio::spawn(show_progress(
         name.to_string(),

@@ -63,13 +63,13 @@ const HEADERS_MAX: usize = 200_000;
 const PENDING_DOCS_MAX: usize = 16_384;
 /// ... and at most this many bytes of their text: 16k documents of 100 KB
 /// were 1.6 GB.
-const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
+const PENDING_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// Text handed to the writer between two commits, at most (plus a batch):
 /// tantivy's indexing queue holds 10k documents, which were 1 GB and more
 /// of 100 KB posts (`bench --content-bytes 100000`: 2.4 GB anonymous
 /// memory in a catch-up). Ordinary posts never reach it between the
 /// timed commits.
-const WRITTEN_BYTES_MAX: usize = 64 * 1024 * 1024;
+const WRITTEN_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// Tantivy indexing threads, sharing the writer heap. Indexing is most of
 /// `post-search`'s CPU, and a commit makes the writer finish, serialise and
 /// fsync every thread's segment while the runner waits: with one thread,

@@ -122,10 +122,10 @@ struct Batch {
 /// bytes: the event counts (batches of 2000, 32 queued per runner, ranges
 /// of 25k read ahead) bound nothing when events are 100 KB each, and a
 /// catch-up of such events took several GB.
-const FEED_BYTES_MAX: usize = 64 * 1024 * 1024;
+const FEED_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// The same for each range reader (each its own, so that the reader of the
 /// range being handed over never waits on one reading ahead).
-const RANGE_READER_BYTES_MAX: usize = 32 * 1024 * 1024;
+const RANGE_READER_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// A batch is handed over at this size whatever its event count.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// What an event takes beyond its payload: envelope strings, the struct.
@@ -1168,8 +1168,10 @@ async fn fetch_once(
     }
 }
 
-fn dlq_subject(name: &str, seq: u64) -> String {
-    format!("dlq.{name}.{seq}")
+/// `dlq.<projection>.<STREAM>.<seq>` (DESIGN.md): the source stream named,
+/// as a projection may follow several.
+fn dlq_subject(name: &str, stream: &str, seq: u64) -> String {
+    format!("dlq.{name}.{stream}.{seq}")
 }
 
 /// After a crash between a commit and the DLQ publish, the parked records in
@@ -1183,7 +1185,7 @@ async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out:
     };
     for p in parked {
         match dlq
-            .direct_get_last_for_subject(dlq_subject(name, p.seq))
+            .direct_get_last_for_subject(dlq_subject(name, store.stream_name(), p.seq))
             .await
         {
             Ok(_) => {}
@@ -1194,7 +1196,7 @@ async fn reconcile_dlq(store: &EventStore, name: &str, parked: Vec<Parked>, out:
     deliver_dlq(store, name, out).await;
 }
 
-/// Publishes parked events to `dlq.<projection>.<seq>`, at most one message
+/// Publishes parked events to `dlq.<projection>.<STREAM>.<seq>`, at most one message
 /// per subject: the publish expects the subject to be empty, so a re-park
 /// (the projection re-applied a tail it had not made durable before a
 /// crash, however long ago) is refused by the server instead of stored
@@ -1255,7 +1257,11 @@ async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<Parked>) {
         let sent = async {
             store
                 .jetstream()
-                .publish_with_headers(dlq_subject(name, parked.seq), headers, original.payload)
+                .publish_with_headers(
+                    dlq_subject(name, store.stream_name(), parked.seq),
+                    headers,
+                    original.payload,
+                )
                 .await?
                 .await
         }

@@ -303,6 +303,85 @@ pub fn no_transparent_huge_pages() {
     }
 }
 
+/// What one service lets its clients hold (see [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; the next ones wait in the listen backlog.
+    pub connections_max: usize,
+    /// How long a connection may take to send a request's headers, and may
+    /// sit idle between two requests (hyper times both alike): a client's
+    /// pool should drop idle connections sooner.
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Limits {
+    /// 1024 connections (a bench runs under 100; slowloris needs thousands),
+    /// and 20 s for a request's headers (slowloris sends one byte at a time).
+    pub const SERVICE: Self = Self {
+        connections_max: 1024,
+        header_read_timeout: std::time::Duration::from_secs(20),
+    };
+}
+
+/// After a failed accept (out of file descriptors, say), wait this long
+/// before the next: retrying at once would spin.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Serves `router` over HTTP/1.1 on `listener` until `shutdown` resolves,
+/// then lets the requests in flight finish. Unlike `axum::serve`, with
+/// [`Limits`]: a cap on connections and a timeout on reading headers, so a
+/// client that opens many connections, or sends its headers one byte at a
+/// time, holds neither memory nor tasks without bound.
+///
+/// # Errors
+/// Never, today: a failed accept is logged and retried.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.connections_max.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Responses are single writes: no reason to let Nagle hold any back.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -326,6 +405,111 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn started(limits: Limits) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, limits, async {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    /// Reads until the server closes the connection, or `deadline` passes.
+    async fn read_to_close(
+        tcp: &mut tokio::net::TcpStream,
+        deadline: std::time::Duration,
+    ) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        tokio::time::timeout(deadline, tcp.read_to_end(&mut got))
+            .await
+            .ok()?
+            .ok()?;
+        Some(got)
+    }
+
+    /// Finding 10 of the hardening review: no header-read timeout, so a
+    /// client sending its headers slowly held a connection for ever.
+    #[tokio::test]
+    async fn a_slow_client_is_cut_off_and_a_prompt_one_served() {
+        let limits = Limits {
+            connections_max: 8,
+            header_read_timeout: std::time::Duration::from_millis(300),
+        };
+        let (addr, _stop) = started(limits).await;
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let cut = read_to_close(&mut slow, std::time::Duration::from_secs(10)).await;
+        assert!(cut.is_some(), "the slow client was never cut off");
+        let mut prompt = tokio::net::TcpStream::connect(addr).await.unwrap();
+        prompt
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut prompt, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    /// Finding 10: no connection cap. Past it, a connection waits for a slot.
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_a_slot() {
+        let limits = Limits {
+            connections_max: 2,
+            header_read_timeout: std::time::Duration::from_secs(30),
+        };
+        let (addr, _stop) = started(limits).await;
+        let held: Vec<tokio::net::TcpStream> = answered_connections(addr, 2).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            read_to_close(&mut third, std::time::Duration::from_millis(500))
+                .await
+                .is_none(),
+            "a third connection was served past a cap of 2"
+        );
+        drop(held);
+        let answer = read_to_close(&mut third, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    /// `n` connections that have each been answered once and stay open.
+    async fn answered_connections(
+        addr: std::net::SocketAddr,
+        n: usize,
+    ) -> Vec<tokio::net::TcpStream> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            out.push(tcp);
+        }
+        out
+    }
 
     #[test]
     fn ids_are_uuids_only() {

@@ -419,7 +419,7 @@ fn check_parked(
     Ok(())
 }
 
-/// `dlq.<projection>.<seq>` holds each poison event once, with its origin.
+/// `dlq.<projection>.POSTS.<seq>` holds each poison event once, with its origin.
 async fn check_dlq(reader: &StreamReader, poisons: &[Poison]) -> anyhow::Result<()> {
     let dlq = retry("get stream DLQ", CATCH_UP_DEADLINE, || async {
         Ok(reader.js.get_stream(DLQ_STREAM).await?)
@@ -427,7 +427,7 @@ async fn check_dlq(reader: &StreamReader, poisons: &[Poison]) -> anyhow::Result<
     .await?;
     for p in poisons {
         for name in PROJECTIONS {
-            let subject = format!("dlq.{name}.{}", p.seq);
+            let subject = format!("dlq.{name}.POSTS.{}", p.seq);
             // Parked events reach the DLQ right after their batch commits.
             let msg = retry(&subject, Duration::from_secs(30), || async {
                 Ok(dlq.get_last_raw_message_by_subject(&subject).await?)

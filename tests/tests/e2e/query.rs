@@ -1071,7 +1071,7 @@ async fn poison_events_are_parked_dead_lettered_and_passed_over() -> TestResult 
     let dlq = js.get_stream("DLQ").await?;
     for name in e2e_tests::PROJECTION_NAMES {
         for (_, seq, id, payload) in &poison {
-            let subject = format!("dlq.{name}.{seq}");
+            let subject = format!("dlq.{name}.POSTS.{seq}");
             let msg = wait_for(&subject, Duration::from_secs(15), || {
                 let dlq = dlq.clone();
                 let subject = subject.clone();
@@ -1209,7 +1209,7 @@ async fn a_dead_letter_is_stored_once_per_projection_and_sequence() -> TestResul
         .last_sequence
         + 1;
     for name in e2e_tests::PROJECTION_NAMES {
-        js.publish(format!("dlq.{name}.{next_seq}"), "first park".into())
+        js.publish(format!("dlq.{name}.POSTS.{next_seq}"), "first park".into())
             .await?
             .await?;
     }
@@ -1230,7 +1230,7 @@ async fn a_dead_letter_is_stored_once_per_projection_and_sequence() -> TestResul
         let e = projection(&entries, name);
         assert_eq!(e["parked"], 1, "{e}");
         assert_eq!(e["state"], "running", "{e}");
-        let subject = format!("dlq.{name}.{next_seq}");
+        let subject = format!("dlq.{name}.POSTS.{next_seq}");
         let msg = dlq.get_last_raw_message_by_subject(&subject).await?;
         assert_eq!(msg.payload.as_ref(), b"first park", "{subject}");
     }
