@@ -40,6 +40,17 @@ async fn query_service_sigkilled_at_random_moments() {
     support::run("consumer-kill", consumer_kill::scenario).await;
 }
 
+// The range phase of a catch-up starts at 50k events behind; this run makes
+// it start at 2k (an override read by debug builds only), so kills land in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the range-phase override exists only in debug builds (run without --release)"
+)]
+async fn query_service_sigkilled_in_the_range_phase() {
+    support::run("consumer-kill-ranges", consumer_kill::scenario).await;
+}
+
 // Failpoints compile to nothing in release builds of the services, and this
 // binary's profile is theirs: there it is reported as ignored, not passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,12 +17,15 @@ use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
 use crate::checks::{Mirror, verify};
 use crate::support::{
     CATCH_UP_DEADLINE, COMMAND_TIMEOUT, Ctx, Rng, Service, Summary, projections, read_client,
-    run_replay, spawn_command, spawn_query, wait_ready,
+    run_replay, spawn_command, spawn_query_with_env, wait_ready,
 };
 use crate::workload::{
     LoadConfig, Mix, Oracle, Outcome, SharedOracle, Writers, choose, lock, send_recorded, snapshot,
 };
 
+/// Where the ranges variant's catch-ups read in ranges, and their length.
+const RANGES_FROM_EVENTS: u64 = 2_000;
+const RANGE_EVENTS: u64 = 500;
 /// Writer tasks issuing commands concurrently.
 const WRITERS: usize = 8;
 /// Query-service kills per round (at least this many in the bounded run).
@@ -57,7 +60,21 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let url = nats.url();
     let data = ctx.scratch("query")?;
     let command = spawn_command(&url, 1, 1).await?;
-    let mut query = spawn_query(&url, data.path(), 1, 1).await?;
+    // The ranges variant: a catch-up from 2,000 events behind reads in
+    // ranges of 500 (debug builds only), so kills land in the range phase.
+    let in_ranges = ctx.scenario.ends_with("ranges");
+    let envs: Vec<(String, String)> = if in_ranges {
+        vec![
+            (
+                "FEED_RANGES_FROM_EVENTS".into(),
+                RANGES_FROM_EVENTS.to_string(),
+            ),
+            ("FEED_RANGE_EVENTS".into(), RANGE_EVENTS.to_string()),
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut query = spawn_query_with_env(&url, data.path(), &envs).await?;
     let reads = read_client();
     let cfg = LoadConfig {
         command_urls: vec![command.base_url.clone()],
@@ -161,6 +178,21 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     summary.duplicate_effects = verdict.duplicates;
     summary.note("posts", verdict.expected.len());
     summary.note("stream_events", mirror.messages.len());
+
+    // The ranges variant did what it is for: catch-ups read in ranges.
+    let range_phases = query
+        .process
+        .log()
+        .matches("reading a backlog in ranges")
+        .count();
+    summary.note("range_phases", range_phases);
+    if in_ranges {
+        ensure!(
+            range_phases > 0,
+            "no catch-up read in ranges; see {}",
+            query.process.log_path().display()
+        );
+    }
 
     // The views equal a rebuild from sequence 1 (offline: the service stops first).
     query.terminate()?;

@@ -545,6 +545,26 @@ pub async fn spawn_query(
     .await
 }
 
+/// Spawns a `posts-query` process on `data_dir` with `envs` set.
+///
+/// # Errors
+/// When it does not start.
+pub async fn spawn_query_with_env(
+    nats_urls: &str,
+    data_dir: &Path,
+    envs: &[(String, String)],
+) -> anyhow::Result<Service> {
+    let urls = nats_urls.to_string();
+    let dir = data_dir.to_path_buf();
+    Service::spawn(
+        "posts-query",
+        move |port| query_args(&urls, &dir, 1, port),
+        envs,
+        PORT_ATTEMPTS_MAX,
+    )
+    .await
+}
+
 /// Spawns a `posts-query` process on `data_dir` with a fault point armed
 /// (`POSTS_FAILPOINT=point@file`: it fails while the file exists).
 ///
