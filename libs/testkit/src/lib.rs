@@ -162,11 +162,7 @@ pub fn temp_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
 pub fn kill_spawned() {
     let pids = SPAWNED.lock().map(|p| p.clone()).unwrap_or_default();
     for pid in pids.into_iter().filter(|p| is_own_child(*p)) {
-        #[allow(unsafe_code, reason = "kill(2) has no safe std wrapper")]
-        // SAFETY: kill with a pid that is our own child and a valid signal.
-        unsafe {
-            libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL);
-        }
+        send(pid, rustix::process::Signal::KILL);
     }
     let dirs = TEMP_DIRS.lock().map(|d| d.clone()).unwrap_or_default();
     for dir in dirs {
@@ -196,22 +192,21 @@ fn spawn_nats(config: &Path, log: &Path) -> anyhow::Result<Child> {
 }
 
 fn kill9(child: &mut Child) {
-    #[allow(
-        unsafe_code,
-        reason = "kill(2) has no safe std wrapper for SIGKILL by pid"
-    )]
-    // SAFETY: kill with a pid we own and a valid signal number.
-    unsafe {
-        libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGKILL);
-    }
+    signal(child, rustix::process::Signal::KILL);
     let _ = child.wait();
 }
 
-fn signal(child: &Child, sig: i32) {
-    #[allow(unsafe_code, reason = "kill(2) has no safe std wrapper")]
-    // SAFETY: kill with a pid we own and a valid signal number.
-    unsafe {
-        libc::kill(i32::try_from(child.id()).unwrap_or(0), sig);
+fn signal(child: &Child, sig: rustix::process::Signal) {
+    send(child.id(), sig);
+}
+
+/// kill(2) of process `pid` (ours); a pid that is gone is no error here.
+fn send(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
@@ -576,14 +571,14 @@ impl ServiceProcess {
     /// up) until [`ServiceProcess::resume`]; a SIGKILL still ends it.
     pub fn suspend(&self) {
         if let Some(c) = &self.child {
-            signal(c, libc::SIGSTOP);
+            signal(c, rustix::process::Signal::STOP);
         }
     }
 
     /// SIGCONT after [`ServiceProcess::suspend`].
     pub fn resume(&self) {
         if let Some(c) = &self.child {
-            signal(c, libc::SIGCONT);
+            signal(c, rustix::process::Signal::CONT);
         }
     }
 
@@ -595,7 +590,7 @@ impl ServiceProcess {
         let Some(mut c) = self.child.take() else {
             bail!("not running");
         };
-        signal(&c, libc::SIGTERM);
+        signal(&c, rustix::process::Signal::TERM);
         let end = Instant::now() + deadline;
         loop {
             if let Some(status) = c.try_wait()? {

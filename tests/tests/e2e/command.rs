@@ -601,9 +601,11 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("could not be read"), "{answer}");
     let valid = serde_json::to_string(&create_body("t", "c", "a"))?;
-    raw_post(valid.clone(), Some("text/plain"))
-        .await?
-        .assert_problem(415, "application/json");
+    let refused = raw_post(valid.clone(), Some("text/plain")).await?;
+    refused.assert_problem(415, "application/json");
+    // Hardening finding 10: the unread body ends the connection, and the
+    // answer says so, so that no client reuses it.
+    assert_eq!(refused.header("connection"), Some("close"), "{refused:?}");
     raw_post(valid.clone(), None)
         .await?
         .assert_problem(415, "application/json");
