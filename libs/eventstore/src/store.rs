@@ -141,22 +141,9 @@ impl EventStore {
         client_name: &str,
         spec: &StreamSpec,
     ) -> Result<Self, StartError> {
-        let joined = urls.join(",");
-        let client = crate::connect_checked(urls, client_name).await?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(JETSTREAM_TIMEOUT);
-        match tokio::time::timeout(START_DEADLINE, Self::open(client, js, spec)).await {
-            Ok(Ok(store)) => Ok(store.with_dial(urls, client_name)),
-            Ok(Err(source)) => Err(StartError::Stream {
-                urls: joined,
-                stream: spec.name.clone(),
-                source,
-            }),
-            Err(_) => Err(StartError::NoAnswer {
-                urls: joined,
-                secs: START_DEADLINE.as_secs(),
-            }),
-        }
+        let (client, js) = dial(urls, client_name).await?;
+        let store = within_start_deadline(urls, spec, Self::open(client, js, spec)).await?;
+        Ok(store.with_dial(urls, client_name))
     }
 
     /// The start-up of a service that only reads (a query service): connects
@@ -171,25 +158,8 @@ impl EventStore {
         client_name: &str,
         spec: &StreamSpec,
     ) -> Result<Self, StartError> {
-        let joined = urls.join(",");
-        let client = crate::connect_checked(urls, client_name).await?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(JETSTREAM_TIMEOUT);
-        let stream_error = |source| StartError::Stream {
-            urls: joined.clone(),
-            stream: spec.name.clone(),
-            source,
-        };
-        match tokio::time::timeout(START_DEADLINE, crate::stream::check_jetstream(&js)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(stream_error(e)),
-            Err(_) => {
-                return Err(StartError::NoAnswer {
-                    urls: joined,
-                    secs: START_DEADLINE.as_secs(),
-                });
-            }
-        }
+        let (client, js) = dial(urls, client_name).await?;
+        within_start_deadline(urls, spec, crate::stream::check_jetstream(&js)).await?;
         let mut waiting = false;
         loop {
             match Self::open_existing(client.clone(), js.clone(), spec).await {
@@ -603,6 +573,39 @@ impl EventStore {
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
             Err(e) => Err(LoadError::Unavailable(e.to_string())),
         }
+    }
+}
+
+/// A checked connection to `urls` and its JetStream context, with the
+/// store's API timeout.
+async fn dial(
+    urls: &[String],
+    client_name: &str,
+) -> Result<(async_nats::Client, jetstream::Context), StartError> {
+    let client = crate::connect_checked(urls, client_name).await?;
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(JETSTREAM_TIMEOUT);
+    Ok((client, js))
+}
+
+/// `step` of a start-up within [`START_DEADLINE`], a failure named after the
+/// URLs and the stream.
+async fn within_start_deadline<T>(
+    urls: &[String],
+    spec: &StreamSpec,
+    step: impl std::future::Future<Output = Result<T, ProvisionError>>,
+) -> Result<T, StartError> {
+    match tokio::time::timeout(START_DEADLINE, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(StartError::Stream {
+            urls: urls.join(","),
+            stream: spec.name.clone(),
+            source,
+        }),
+        Err(_) => Err(StartError::NoAnswer {
+            urls: urls.join(","),
+            secs: START_DEADLINE.as_secs(),
+        }),
     }
 }
 

@@ -575,15 +575,8 @@ pub async fn spawn_query_failing(
     data_dir: &Path,
     fault_point: &str,
 ) -> anyhow::Result<Service> {
-    let urls = nats_urls.to_string();
-    let dir = data_dir.to_path_buf();
-    Service::spawn(
-        "posts-query",
-        move |port| query_args(&urls, &dir, 1, port),
-        &[(FAILPOINT_ENV.to_string(), fault_point.to_string())],
-        PORT_ATTEMPTS_MAX,
-    )
-    .await
+    let envs = [(FAILPOINT_ENV.to_string(), fault_point.to_string())];
+    spawn_query_with_env(nats_urls, data_dir, &envs).await
 }
 
 /// Spawns a `posts-query` with a failpoint armed and without waiting for it:

@@ -293,7 +293,6 @@ async fn idempotency_keys_are_scoped_by_caller_and_backed_by_the_stream() -> Tes
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
     const BIG_POSTS: usize = 50;
-    const PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
     let nats = start_nats_with(&testkit::NatsOptions { sync_always: false }).await?;
     let command = InProcessService::start_command(&nats.url()).await?;
     let http = http_client();
@@ -319,37 +318,11 @@ async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
     wait_checkpoints(&http, &base, w.last_seq).await?;
 
     // The listing: 1000 asked for, cut by bytes, every post exactly once.
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    let mut pages = 0;
-    loop {
-        let mut req = http
-            .get(format!("{base}/posts"))
-            .query(&[("limit", "1000")]);
-        if let Some(c) = &cursor {
-            req = req.query(&[("cursor", c)]);
-        }
-        let r = Reply::of(req).await?;
-        assert_eq!(r.status, 200, "{r:?}");
-        assert!(
-            r.body.len() < PAGE_BYTES_MAX,
-            "a page of {} bytes",
-            r.body.len()
-        );
-        let v = r.json();
-        seen.extend(
-            v["data"]
-                .as_array()
-                .expect("data")
-                .iter()
-                .map(|p| p["post_id"].as_str().expect("id").to_string()),
-        );
-        pages += 1;
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let (rows, pages) = every_page(&http, &format!("{base}/posts"), &[("limit", "1000")]).await?;
+    let seen: Vec<String> = rows
+        .iter()
+        .map(|p| p["post_id"].as_str().expect("id").to_string())
+        .collect();
     assert!(pages > 1, "50 posts of ~130 KB of JSON do not fit one page");
     let mut sorted = seen.clone();
     sorted.sort();
@@ -360,35 +333,11 @@ async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
     assert_eq!(sorted, want, "every post");
 
     // The history: 51 events of one post, default page size 100, cut by bytes.
-    let mut seqs = Vec::new();
-    let mut cursor: Option<String> = None;
-    let mut pages = 0;
-    loop {
-        let mut req = http.get(format!("{base}/posts/{id}/events"));
-        if let Some(c) = &cursor {
-            req = req.query(&[("cursor", c)]);
-        }
-        let r = Reply::of(req).await?;
-        assert_eq!(r.status, 200, "{r:?}");
-        assert!(
-            r.body.len() < PAGE_BYTES_MAX,
-            "a page of {} bytes",
-            r.body.len()
-        );
-        let v = r.json();
-        seqs.extend(
-            v["data"]
-                .as_array()
-                .expect("data")
-                .iter()
-                .map(|e| e["seq"].as_u64().expect("seq")),
-        );
-        pages += 1;
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let (events, pages) = every_page(&http, &format!("{base}/posts/{id}/events"), &[]).await?;
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
     assert!(pages > 1, "51 events of ~130 KB do not fit one page");
     assert_eq!(seqs.len(), BIG_POSTS + 1, "every event once: {seqs:?}");
     assert!(seqs.windows(2).all(|p| p[0] < p[1]), "in order: {seqs:?}");
@@ -408,4 +357,36 @@ async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
     .await?
     .assert_problem(400, "cursor");
     Ok(())
+}
+
+/// Every item of a paged list at `url`, following `next_cursor`, and the
+/// number of pages; each page must be a 200 under 4 MiB.
+async fn every_page(
+    http: &reqwest::Client,
+    url: &str,
+    query: &[(&str, &str)],
+) -> anyhow::Result<(Vec<serde_json::Value>, usize)> {
+    const PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+    let (mut items, mut pages) = (Vec::new(), 0);
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut req = http.get(url).query(query);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let r = Reply::of(req).await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.body.len() < PAGE_BYTES_MAX,
+            "a page of {} bytes",
+            r.body.len()
+        );
+        let v = r.json();
+        items.extend(v["data"].as_array().expect("data").iter().cloned());
+        pages += 1;
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Ok((items, pages)),
+        }
+    }
 }
