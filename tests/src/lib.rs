@@ -53,7 +53,7 @@ pub fn subject_for(post_id: &str) -> String {
 pub async fn provision_streams(nats_url: &str) -> anyhow::Result<()> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
-    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    eventstore::provision(&js, &posts::context::stream(1)).await?;
     eventstore::provision(&js, &eventstore::dlq_spec(1)).await?;
     Ok(())
 }

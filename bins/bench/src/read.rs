@@ -56,7 +56,7 @@ const POST_SEARCH: &str = "post-search";
 async fn write_backlog(nats_url: &str, vocab: &Vocabulary, layout: Layout) -> anyhow::Result<u64> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
-    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    eventstore::provision(&js, &posts::context::stream(1)).await?;
     // The stream sequence of each post's last event: its next expected sequence.
     let mut last_seq = vec![0u64; usize::try_from(layout.posts)?];
     let mut stream_last = 0;

@@ -107,7 +107,7 @@ pub fn run(
     let js = rt.block_on(async {
         let client = async_nats::connect(nats.url()).await?;
         let js = jetstream::new(client);
-        eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+        eventstore::provision(&js, &posts::context::stream(1)).await?;
         anyhow::Ok(js)
     })?;
     let (command, command_url) = spawn_command(&nats.url())?;

@@ -4,9 +4,7 @@
 //! Entry points: [`serve`] binds and runs; [`run`] takes a bound listener and a
 //! shutdown future (tests start it in-process); [`app`] is the router.
 
-mod aggregate;
 mod api;
-mod idempotency;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use eventstore::{EventStore, Repository, StreamSpec};
+use posts::PostAggregate;
+use servicekit::command::CommandHost;
 
-pub use aggregate::PostAggregate;
 pub use api::app;
 
 /// Command-service configuration: flags with env fallbacks.
@@ -49,21 +47,12 @@ pub struct Config {
 /// of a create (measured with perf: malloc/free at ~40% of samples).
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    repo: Repository<PostAggregate>,
-    idempotency: async_nats::jetstream::kv::Store,
+    host: Arc<CommandHost<PostAggregate>>,
 }
 
 impl AppState {
-    pub(crate) fn repo(&self) -> &Repository<PostAggregate> {
-        &self.inner.repo
-    }
-
-    pub(crate) fn idempotency(&self) -> &async_nats::jetstream::kv::Store {
-        &self.inner.idempotency
+    pub(crate) fn host(&self) -> &CommandHost<PostAggregate> {
+        &self.host
     }
 }
 
@@ -74,27 +63,10 @@ impl AppState {
 /// # Errors
 /// A message naming the URL and the cause.
 pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
-    let urls = config.nats_url.join(",");
-    let store = EventStore::connect(
-        &config.nats_url,
-        "posts-command",
-        &StreamSpec::posts(config.replicas).with_max_bytes(config.stream_max_bytes),
-    )
-    .await?;
-    let js = store.jetstream().clone();
-    // The command services provision DLQ, idempotently; query services and
-    // replay only ever use it.
-    eventstore::provision(&js, &eventstore::dlq_spec(config.replicas))
-        .await
-        .with_context(|| format!("{urls}: cannot use stream DLQ"))?;
-    let idempotency = idempotency::open_bucket(&js, config.replicas)
-        .await
-        .with_context(|| format!("{urls}: cannot use the idempotency bucket"))?;
+    let spec = posts::context::stream(config.replicas).with_max_bytes(config.stream_max_bytes);
+    let host = CommandHost::start(&config.nats_url, "posts-command", "post", &spec).await?;
     Ok(AppState {
-        inner: Arc::new(Inner {
-            repo: Repository::new(store),
-            idempotency,
-        }),
+        host: Arc::new(host),
     })
 }
 
@@ -125,7 +97,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "posts-command listening");
-    let client = state.repo().store().client().clone();
+    let client = state.host().store().client().clone();
     servicekit::serve(listener, app(state), servicekit::Limits::SERVICE, shutdown).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     tracing::info!("posts-command stopped");

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
-use eventstore::{EventStore, StreamSpec};
+use eventstore::EventStore;
 
 pub use api::app;
 pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE, admin_app};
@@ -61,7 +61,7 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
     let store = EventStore::connect_existing(
         &config.nats_url,
         "posts-query",
-        &StreamSpec::posts(config.replicas),
+        &posts::context::stream(config.replicas),
     )
     .await?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)

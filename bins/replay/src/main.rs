@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use eventstore::{EventStore, StreamSpec, connect_checked};
+use eventstore::{EventStore, connect_checked};
 use posts_projections::rebuild;
 use posts_projections::{POST_SEARCH, POST_VIEW};
 use projection::{RebuildProgress, Status};
@@ -147,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
         .await
         .with_context(|| "cannot reach NATS; no file was touched")?;
     let js = async_nats::jetstream::new(client.clone());
-    let store = EventStore::open_existing(client, js.clone(), &StreamSpec::posts(1))
+    let store = EventStore::open_existing(client, js.clone(), &posts::context::stream(1))
         .await
         .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?
         .with_dial(&args.nats_url, "replay");

@@ -10,6 +10,8 @@ pub const HEADER_EVENT_SCHEMA: &str = "Event-Schema";
 pub const HEADER_OCCURRED_AT: &str = "Occurred-At";
 pub const HEADER_CORRELATION_ID: &str = "Correlation-Id";
 pub const HEADER_CAUSATION_ID: &str = "Causation-Id";
+/// Who asked for the event: the caller's identity (a token's `sub`), when known.
+pub const HEADER_ACTOR: &str = "Actor";
 
 /// An event body already encoded by its domain, ready for the envelope.
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct Metadata {
     /// manager's effect, so that the stream's duplicate window refuses a
     /// second copy. `None`: a fresh UUIDv7.
     pub event_id: Option<String>,
+    /// Who asked (`Actor` header), when known.
+    pub actor: Option<String>,
 }
 
 /// One event as stored in the stream, with its envelope decoded and checked.
@@ -44,6 +48,8 @@ pub struct RecordedEvent {
     pub occurred_at: OffsetDateTime,
     pub correlation_id: String,
     pub causation_id: String,
+    /// The `Actor` header: who asked, when known.
+    pub actor: Option<String>,
     pub payload: Bytes,
 }
 
@@ -55,6 +61,44 @@ pub enum EnvelopeError {
     Malformed { name: &'static str, value: String },
     #[error("subject {0:?} is not an aggregate subject")]
     Subject(String),
+}
+
+/// How a stream's subjects name aggregates: `<prefix><id>`, where the id has
+/// exactly `id_tokens` non-empty tokens and no wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+    id_tokens: usize,
+}
+
+impl Subjects {
+    /// `prefix` ends with the dot: `"posts."`.
+    #[must_use]
+    pub fn new(prefix: &str, id_tokens: usize) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            id_tokens: id_tokens.max(1),
+        }
+    }
+
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The aggregate id a subject names, or `None` when it names none.
+    #[must_use]
+    pub fn aggregate_id<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let id = subject.strip_prefix(self.prefix.as_str())?;
+        let mut tokens = 0;
+        for token in id.split('.') {
+            if token.is_empty() || token == "*" || token == ">" {
+                return None;
+            }
+            tokens += 1;
+        }
+        (tokens == self.id_tokens).then_some(id)
+    }
 }
 
 /// Formats a timestamp as RFC 3339 UTC with microseconds, the precision the
@@ -94,24 +138,28 @@ pub(crate) fn headers_for(
     h.insert(HEADER_OCCURRED_AT, format_rfc3339(occurred_at).as_str());
     h.insert(HEADER_CORRELATION_ID, meta.correlation_id.as_str());
     h.insert(HEADER_CAUSATION_ID, meta.causation_id.as_str());
+    if let Some(actor) = &meta.actor {
+        h.insert(HEADER_ACTOR, actor.as_str());
+    }
     h
 }
 
 /// The envelope's headers, in this order.
-const ENVELOPE_HEADERS: [&str; 6] = [
+const ENVELOPE_HEADERS: [&str; 7] = [
     HEADER_MSG_ID,
     HEADER_EVENT_TYPE,
     HEADER_EVENT_SCHEMA,
     HEADER_OCCURRED_AT,
     HEADER_CORRELATION_ID,
     HEADER_CAUSATION_ID,
+    HEADER_ACTOR,
 ];
 
 /// The first value of each envelope header, in one pass over the map:
 /// `HeaderMap::get` parses and hashes the name on every call, and six calls
 /// per event showed in catch-up profiles.
-fn envelope_headers(h: Option<&HeaderMap>) -> [Option<&str>; 6] {
-    let mut out = [None; 6];
+fn envelope_headers(h: Option<&HeaderMap>) -> [Option<&str>; 7] {
+    let mut out = [None; 7];
     for (name, values) in h.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
         if let Some(i) = ENVELOPE_HEADERS.iter().position(|n| *n == name)
@@ -134,14 +182,13 @@ impl RecordedEvent {
     /// [`EnvelopeError`] when a header is missing or malformed: a poison event.
     pub fn from_parts(
         subject: &str,
-        subject_prefix: &str,
+        subjects: &Subjects,
         seq: u64,
         headers: Option<&HeaderMap>,
         payload: Bytes,
     ) -> Result<Self, EnvelopeError> {
-        let aggregate_id = subject
-            .strip_prefix(subject_prefix)
-            .filter(|id| !id.is_empty() && !id.contains('.'))
+        let aggregate_id = subjects
+            .aggregate_id(subject)
             .ok_or_else(|| EnvelopeError::Subject(subject.to_string()))?
             .to_string();
         let [
@@ -151,6 +198,7 @@ impl RecordedEvent {
             occurred_at,
             correlation_id,
             causation_id,
+            actor,
         ] = envelope_headers(headers);
         let event_type = required(event_type, HEADER_EVENT_TYPE)?.to_string();
         let schema_text = required(schema, HEADER_EVENT_SCHEMA)?;
@@ -173,6 +221,7 @@ impl RecordedEvent {
             occurred_at,
             correlation_id: required(correlation_id, HEADER_CORRELATION_ID)?.to_string(),
             causation_id: required(causation_id, HEADER_CAUSATION_ID)?.to_string(),
+            actor: actor.map(str::to_string),
             payload,
         })
     }
@@ -184,11 +233,11 @@ impl RecordedEvent {
     pub fn from_message(
         msg: &async_nats::Message,
         seq: u64,
-        subject_prefix: &str,
+        subjects: &Subjects,
     ) -> Result<Self, EnvelopeError> {
         Self::from_parts(
             msg.subject.as_str(),
-            subject_prefix,
+            subjects,
             seq,
             msg.headers.as_ref(),
             msg.payload.clone(),
@@ -215,15 +264,35 @@ mod tests {
     fn envelope_without_type_is_rejected() {
         let mut h = HeaderMap::new();
         h.insert(HEADER_EVENT_SCHEMA, "1");
-        let err =
-            RecordedEvent::from_parts("posts.a", "posts.", 1, Some(&h), Bytes::new()).unwrap_err();
+        let err = RecordedEvent::from_parts(
+            "orders.a",
+            &Subjects::new("orders.", 1),
+            1,
+            Some(&h),
+            Bytes::new(),
+        )
+        .unwrap_err();
         assert_eq!(err, EnvelopeError::Missing(HEADER_EVENT_TYPE));
     }
 
     #[test]
-    fn nested_subject_is_not_an_aggregate() {
-        let err =
-            RecordedEvent::from_parts("posts.a.b", "posts.", 1, None, Bytes::new()).unwrap_err();
+    fn a_subject_with_another_token_count_is_not_an_aggregate() {
+        let one = Subjects::new("orders.", 1);
+        let two = Subjects::new("lines.", 2);
+        assert_eq!(one.aggregate_id("orders.a"), Some("a"));
+        assert_eq!(one.aggregate_id("orders.a.b"), None);
+        assert_eq!(two.aggregate_id("lines.a.b"), Some("a.b"));
+        for bad in [
+            "lines.a",
+            "lines.a.b.c",
+            "lines.a.",
+            "lines..b",
+            "lines.*.b",
+            "lines.a.>",
+        ] {
+            assert_eq!(two.aggregate_id(bad), None, "{bad}");
+        }
+        let err = RecordedEvent::from_parts("orders.a.b", &one, 1, None, Bytes::new()).unwrap_err();
         assert!(matches!(err, EnvelopeError::Subject(_)));
     }
 
@@ -234,7 +303,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
         #[test]
         fn any_message_decodes_or_fails_cleanly(
-            subject in "(posts\\.)?[a-z0-9.>*-]{0,40}",
+            subject in "(orders\\.)?[a-z0-9.>*-]{0,40}",
             headers in proptest::collection::vec(
                 (
                     proptest::prelude::prop_oneof![
@@ -261,7 +330,7 @@ mod tests {
                 map.insert(*name, value.as_str());
             }
             if let Ok(env) =
-                RecordedEvent::from_parts(&subject, "posts.", 7, Some(&map), Bytes::from(payload))
+                RecordedEvent::from_parts(&subject, &Subjects::new("orders.", 1), 7, Some(&map), Bytes::from(payload))
             {
                 proptest::prop_assert_eq!(env.seq, 7);
                 proptest::prop_assert!(!env.aggregate_id.contains('.'));

@@ -1,4 +1,6 @@
-//! The event store on NATS JetStream. It knows nothing about posts.
+//! The event store on NATS JetStream. It knows no domain: each
+//! context declares its stream with [`StreamSpec::new`] and its aggregate
+//! with [`Aggregate`].
 //!
 //! - [`provision`] creates or checks a stream with every setting spelled out.
 //! - [`EventStore::append`] publishes one event with optimistic concurrency
@@ -12,7 +14,7 @@
 //! use eventstore::{connect_checked, provision, StreamSpec};
 //! let client = connect_checked(&["nats://127.0.0.1:4222".to_string()], "demo").await?;
 //! let js = async_nats::jetstream::new(client.clone());
-//! provision(&js, &StreamSpec::posts(1)).await?;
+//! provision(&js, &StreamSpec::new("ORDERS", "orders", 1, "order events")).await?;
 //! # Ok(()) }
 //! ```
 
@@ -24,8 +26,9 @@ mod stream;
 
 pub use connect::{ConnectCheckError, connect_checked};
 pub use envelope::{
-    EncodedEvent, EnvelopeError, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID, HEADER_EVENT_SCHEMA,
-    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, format_rfc3339, parse_rfc3339,
+    EncodedEvent, EnvelopeError, HEADER_ACTOR, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
+    HEADER_EVENT_SCHEMA, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, Subjects,
+    format_rfc3339, parse_rfc3339,
 };
 pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
 pub use store::{

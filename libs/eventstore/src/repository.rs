@@ -18,25 +18,43 @@ const CACHE_AGGREGATES_MAX: usize = 4096;
 /// Lock stripes serialising commands on the same aggregate inside one process.
 const LOCK_STRIPES: usize = 1024;
 
-/// The domain seen by the repository: how to encode, decode and fold events.
-/// Implemented by the binary that glues a pure domain crate to the store.
+/// A context's aggregate, as the repository sees it: pure functions, no IO.
+/// Implemented by the domain crate, next to its events.
+///
+/// - `decide` turns a command on a state into events, or a typed rejection;
+/// - `evolve` folds one event into the state (`State::default()` is the
+///   state before the first event);
+/// - `encode` and `decode` map events to and from the stream's payloads,
+///   through (`Event-Type`, `Event-Schema`), upcasting old schemas.
 pub trait Aggregate: Send + Sync + 'static {
-    type State: Clone + Send + Sync + 'static;
-    type Event: Send + Sync;
+    type State: Clone + Default + Send + Sync + 'static;
+    type Event: Clone + Send + Sync;
+    type Command: Send + Sync;
+    type Rejection: Send;
+    /// An event that cannot follow the state: corrupt history.
+    type Invariant: std::fmt::Display;
+    /// A payload that is not one of this context's events: a poison event.
+    type DecodeError: std::fmt::Display;
 
-    /// The state before the first event (the creation case).
-    fn initial() -> Self::State;
-    /// Decodes a stored event, upcasting old schemas.
+    /// The events `command` produces on `state`.
     ///
     /// # Errors
-    /// A reason when the event cannot be decoded.
-    fn decode(event: &RecordedEvent) -> Result<Self::Event, String>;
-    fn encode(event: &Self::Event) -> EncodedEvent;
+    /// The rejection when the command is refused.
+    fn decide(
+        state: &Self::State,
+        command: &Self::Command,
+    ) -> Result<Vec<Self::Event>, Self::Rejection>;
     /// Folds one event into the state.
     ///
     /// # Errors
-    /// A reason when the event violates the aggregate's invariants.
-    fn apply(state: Self::State, event: &Self::Event) -> Result<Self::State, String>;
+    /// When the event violates the aggregate's invariants.
+    fn evolve(state: Self::State, event: &Self::Event) -> Result<Self::State, Self::Invariant>;
+    /// Decodes a stored event, upcasting old schemas.
+    ///
+    /// # Errors
+    /// When the event cannot be decoded.
+    fn decode(event: &RecordedEvent) -> Result<Self::Event, Self::DecodeError>;
+    fn encode(event: &Self::Event) -> EncodedEvent;
 }
 
 /// A folded aggregate with the position it was folded up to.
@@ -65,6 +83,10 @@ pub enum ExecuteError<R> {
     Rejected(R),
     #[error("version mismatch: expected {expected}, actual {actual}")]
     VersionMismatch { expected: u64, actual: u64 },
+    /// A decision of several events: each append is one publish with its
+    /// own OCC check, so a command yields at most one (a domain bug).
+    #[error("the command decided {0} events; a command may yield at most one")]
+    SeveralEvents(usize),
     #[error("still conflicting after {0} reloads")]
     TooManyConflicts(u32),
     #[error(transparent)]
@@ -136,13 +158,13 @@ impl<A: Aggregate> Repository<A> {
                 let Some(mut from) = folded.take() else {
                     return Ok(());
                 };
-                let event = A::decode(&recorded).map_err(|reason| LoadError::Corrupt {
+                let event = A::decode(&recorded).map_err(|e| LoadError::Corrupt {
                     seq: recorded.seq,
-                    reason,
+                    reason: e.to_string(),
                 })?;
-                from.state = A::apply(from.state, &event).map_err(|reason| LoadError::Corrupt {
+                from.state = A::evolve(from.state, &event).map_err(|e| LoadError::Corrupt {
                     seq: recorded.seq,
-                    reason,
+                    reason: e.to_string(),
                 })?;
                 // Each stored event bumps the version by one: contiguous versions.
                 from.version += 1;
@@ -160,7 +182,7 @@ impl<A: Aggregate> Repository<A> {
 
     fn empty() -> Loaded<A::State> {
         Loaded {
-            state: A::initial(),
+            state: A::State::default(),
             version: 0,
             last_seq: 0,
             first_seq: 0,
@@ -180,8 +202,34 @@ impl<A: Aggregate> Repository<A> {
         Ok(loaded)
     }
 
+    /// Runs `command` through the aggregate's own `decide`: the command loop
+    /// every context shares (see [`Repository::execute`]). A command yields
+    /// at most one event, so each append is one publish with its own OCC
+    /// check; a decision of several events is refused as a domain bug.
+    ///
+    /// # Errors
+    /// [`ExecuteError`] for rejections, mismatches, and store failures.
+    pub async fn run(
+        &self,
+        id: &str,
+        expected_version: Option<u64>,
+        meta: &Metadata,
+        occurred_at: OffsetDateTime,
+        command: &A::Command,
+    ) -> Result<Executed<A::State>, ExecuteError<A::Rejection>> {
+        self.execute(
+            id,
+            false,
+            expected_version,
+            meta,
+            occurred_at,
+            |state, _| A::decide(state, command),
+        )
+        .await
+    }
+
     /// Runs one command: `decide` sees the current state and version and
-    /// returns the event to append, or `None` for a no-op. On a conflict the
+    /// returns the event to append, or none for a no-op. On a conflict the
     /// aggregate is reloaded and `decide` runs again, unless the caller pinned
     /// `expected_version`, in which case a moved aggregate is a mismatch.
     /// `assume_new` skips the initial read for an id the caller just generated.
@@ -195,7 +243,7 @@ impl<A: Aggregate> Repository<A> {
         expected_version: Option<u64>,
         meta: &Metadata,
         occurred_at: OffsetDateTime,
-        decide: impl Fn(&A::State, u64) -> Result<Option<A::Event>, R>,
+        decide: impl Fn(&A::State, u64) -> Result<Vec<A::Event>, R>,
     ) -> Result<Executed<A::State>, ExecuteError<R>> {
         let _serialised = self.lock_for(id).lock().await;
         let (mut loaded, mut fresh) = match self.cached(id) {
@@ -229,13 +277,14 @@ impl<A: Aggregate> Repository<A> {
                 });
             }
             let event = match decide(&loaded.state, loaded.version) {
-                Ok(Some(event)) => event,
-                Ok(None) => {
+                Ok(mut events) if events.len() == 1 => events.remove(0),
+                Ok(events) if events.is_empty() => {
                     return Ok(Executed {
                         loaded,
                         appended: false,
                     });
                 }
+                Ok(events) => return Err(ExecuteError::SeveralEvents(events.len())),
                 // A stale cached state could reject wrongly: decide once more
                 // on the state as the stream has it before giving up.
                 Err(_) if !fresh => {
@@ -252,10 +301,13 @@ impl<A: Aggregate> Repository<A> {
                 .await
             {
                 Ok(seq) => {
-                    let state = A::apply(loaded.state, &event).map_err(|reason| {
-                        // decide produced an event apply refuses: a domain bug.
+                    let state = A::evolve(loaded.state, &event).map_err(|e| {
+                        // decide produced an event evolve refuses: a domain bug.
                         self.forget(id);
-                        ExecuteError::Load(LoadError::Corrupt { seq, reason })
+                        ExecuteError::Load(LoadError::Corrupt {
+                            seq,
+                            reason: e.to_string(),
+                        })
                     })?;
                     let next = Loaded {
                         state,

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use time::OffsetDateTime;
 
-use crate::envelope::{EncodedEvent, Metadata, RecordedEvent, headers_for};
+use crate::envelope::{EncodedEvent, Metadata, RecordedEvent, Subjects, headers_for};
 use crate::stream::{ProvisionError, StreamSpec, provision};
 
 /// Extra attempts of the same publish (same `Nats-Msg-Id`, so deduplicated)
@@ -93,7 +93,7 @@ pub struct EventStore {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: jetstream::stream::Stream,
-    subject_prefix: String,
+    subjects: Subjects,
     /// How this store's connection was made, when known: what
     /// [`EventStore::reader`] opens more connections with.
     dial: Option<std::sync::Arc<Dial>>,
@@ -116,16 +116,11 @@ impl EventStore {
         spec: &StreamSpec,
     ) -> Result<Self, ProvisionError> {
         let stream = provision(&js, spec).await?;
-        let subject_prefix = spec
-            .subjects
-            .first()
-            .map(|s| s.trim_end_matches('>').to_string())
-            .unwrap_or_default();
         Ok(Self {
             client,
             js,
             stream,
-            subject_prefix,
+            subjects: spec.subjects_layout(),
             dial: None,
         })
     }
@@ -197,16 +192,11 @@ impl EventStore {
             .get_stream(&spec.name)
             .await
             .map_err(|e| ProvisionError::Unreachable(format!("stream {}: {e}", spec.name)))?;
-        let subject_prefix = spec
-            .subjects
-            .first()
-            .map(|s| s.trim_end_matches('>').to_string())
-            .unwrap_or_default();
         Ok(Self {
             client,
             js,
             stream,
-            subject_prefix,
+            subjects: spec.subjects_layout(),
             dial: None,
         })
     }
@@ -248,19 +238,25 @@ impl EventStore {
             client,
             js,
             stream,
-            subject_prefix: self.subject_prefix.clone(),
+            subjects: self.subjects.clone(),
             dial: self.dial.clone(),
         }))
     }
 
     #[must_use]
     pub fn subject_prefix(&self) -> &str {
-        &self.subject_prefix
+        self.subjects.prefix()
+    }
+
+    /// How this stream's subjects name aggregates.
+    #[must_use]
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
     }
 
     #[must_use]
     pub fn subject_for(&self, aggregate_id: &str) -> String {
-        format!("{}{aggregate_id}", self.subject_prefix)
+        format!("{}{aggregate_id}", self.subjects.prefix())
     }
 
     #[must_use]
@@ -490,12 +486,96 @@ impl EventStore {
         aggregate_id: &str,
         after_seq: u64,
         from: Replica,
+        each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
+    ) -> Result<(), LoadError> {
+        let subject = self.subject_for(aggregate_id);
+        self.read_filter(&subject, aggregate_id, after_seq, from, each)
+            .await
+    }
+
+    /// The ids of the aggregates whose ids start with the tokens `parent`
+    /// (`<order>` for `lines.<order>.<line>`), in the order of
+    /// their first event, read from the leader: one pass over their events.
+    ///
+    /// # Errors
+    /// [`LoadError::Unavailable`] when NATS does not answer;
+    /// [`LoadError::TooLong`] past the fold limit.
+    pub async fn aggregate_ids_under(&self, parent: &str) -> Result<Vec<String>, LoadError> {
+        let filter = format!("{}{parent}.>", self.subjects.prefix());
+        let mut ids: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        self.read_filter(&filter, parent, 0, Replica::Leader, |entry| {
+            // A broken envelope still names its aggregate by subject; the
+            // aggregate's own load reports the corruption.
+            if let Ok(event) = entry
+                && seen.insert(event.aggregate_id.clone())
+            {
+                ids.push(event.aggregate_id);
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .await?;
+        Ok(ids)
+    }
+
+    /// The last event of `aggregate_id`, asked of `from`; `Ok(None)` when it
+    /// has none.
+    ///
+    /// # Errors
+    /// [`LoadError::Unavailable`] when NATS does not answer,
+    /// [`LoadError::Corrupt`] when the envelope is broken.
+    pub async fn last_event(
+        &self,
+        aggregate_id: &str,
+        from: Replica,
+    ) -> Result<Option<RecordedEvent>, LoadError> {
+        if !self.is_connected() {
+            return Err(LoadError::Unavailable("not connected to NATS".into()));
+        }
+        let subject = self.subject_for(aggregate_id);
+        let msg = match from {
+            Replica::Any => match self.stream.direct_get_last_for_subject(subject).await {
+                Ok(msg) => msg,
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
+                Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+            },
+            Replica::Leader => match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(msg) => msg,
+                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(LoadError::Unavailable(e.to_string())),
+            },
+        };
+        RecordedEvent::from_parts(
+            msg.subject.as_str(),
+            &self.subjects,
+            msg.sequence,
+            Some(&msg.headers),
+            msg.payload,
+        )
+        .map(Some)
+        .map_err(|e| LoadError::Corrupt {
+            seq: msg.sequence,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Every message on `subject` (a filter, wildcards allowed) after
+    /// `after_seq`, in order, through `each` until it breaks. `what` names
+    /// the aggregate(s) in errors.
+    async fn read_filter(
+        &self,
+        subject: &str,
+        what: &str,
+        after_seq: u64,
+        from: Replica,
         mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
     ) -> Result<(), LoadError> {
         if !self.is_connected() {
             return Err(LoadError::Unavailable("not connected to NATS".into()));
         }
-        let subject = self.subject_for(aggregate_id);
+        let subject = subject.to_string();
         let mut next = after_seq + 1;
         let mut count = 0usize;
         loop {
@@ -533,13 +613,13 @@ impl EventStore {
             next = msg.sequence + 1;
             count += 1;
             if count > AGGREGATE_EVENTS_MAX {
-                return Err(LoadError::TooLong(aggregate_id.to_string()));
+                return Err(LoadError::TooLong(what.to_string()));
             }
             let seq = msg.sequence;
             let flow = each(
                 RecordedEvent::from_parts(
                     msg.subject.as_str(),
-                    &self.subject_prefix,
+                    &self.subjects,
                     seq,
                     Some(&msg.headers),
                     msg.payload,
@@ -560,7 +640,7 @@ impl EventStore {
         match self.stream.direct_get(seq).await {
             Ok(msg) => RecordedEvent::from_parts(
                 msg.subject.as_str(),
-                &self.subject_prefix,
+                &self.subjects,
                 msg.sequence,
                 Some(&msg.headers),
                 msg.payload,

@@ -4,18 +4,24 @@ use std::time::Duration;
 use async_nats::jetstream::context::AccountErrorKind;
 use async_nats::jetstream::{self, stream};
 
+use crate::envelope::Subjects;
+
 /// How long JetStream remembers a `Nats-Msg-Id`. A command retried after a lost
 /// ack (client timeout, reconnect) is deduplicated inside this window; two
 /// minutes covers our publish timeout and retries many times over while
 /// keeping the server's dedupe map small under heavy write load.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// What a stream must look like. Build it with [`StreamSpec::posts`] or
-/// [`dlq_spec`].
+/// What a stream must look like: a context declares its own with
+/// [`StreamSpec::new`]; [`dlq_spec`] is the dead-letter stream.
 #[derive(Debug, Clone)]
 pub struct StreamSpec {
     pub name: String,
     pub subjects: Vec<String>,
+    /// Tokens in an aggregate id: 1 for `orders.<order>`, 2 for
+    /// `lines.<order>.<line>`. A subject with another count is
+    /// not an aggregate's (a poison event).
+    pub id_tokens: usize,
     pub replicas: usize,
     pub description: String,
     /// The byte budget: at this size the stream refuses new events
@@ -25,22 +31,43 @@ pub struct StreamSpec {
 }
 
 /// A stream's byte budget unless the service is told otherwise: 10 GiB,
-/// ~100k posts at the largest content, millions of ordinary ones.
+/// ~100k events at the largest payload (1 MiB), millions of ordinary ones.
 pub const STREAM_MAX_BYTES_DEFAULT: i64 = 10 * 1024 * 1024 * 1024;
 /// The dead-letter stream's budget: parked copies of poison events.
 pub const DLQ_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
 impl StreamSpec {
-    /// The `POSTS` event stream: subjects `posts.<post_id>`.
+    /// A context's event stream `name` with subjects `<root>.>`, one subject
+    /// per aggregate: `<root>.<id>`, where an id has `id_tokens` tokens.
     #[must_use]
-    pub fn posts(replicas: usize) -> Self {
+    pub fn new(name: &str, root: &str, id_tokens: usize, description: &str) -> Self {
         Self {
-            name: "POSTS".to_string(),
-            subjects: vec!["posts.>".to_string()],
-            replicas,
-            description: "blog post domain events; the single source of truth".to_string(),
+            name: name.to_string(),
+            subjects: vec![format!("{root}.>")],
+            id_tokens: id_tokens.max(1),
+            replicas: 1,
+            description: description.to_string(),
             max_bytes: STREAM_MAX_BYTES_DEFAULT,
         }
+    }
+
+    /// The same stream with `replicas` replicas (1 locally, 3 on a cluster).
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// How the stream's subjects name aggregates.
+    #[must_use]
+    pub fn subjects_layout(&self) -> Subjects {
+        Subjects::new(
+            self.subjects
+                .first()
+                .map(|s| s.trim_end_matches('>'))
+                .unwrap_or_default(),
+            self.id_tokens,
+        )
     }
 
     /// The same stream with a byte budget of `max_bytes`.
@@ -113,6 +140,8 @@ pub fn dlq_spec(replicas: usize) -> StreamSpec {
     StreamSpec {
         name: "DLQ".to_string(),
         subjects: vec!["dlq.>".to_string()],
+        // dlq.<projection>.<STREAM>.<seq>
+        id_tokens: 3,
         replicas,
         description: "poison events parked by projections: dlq.<projection>.<STREAM>.<seq>"
             .to_string(),

@@ -130,6 +130,7 @@ fn incoming_at(seq: u64, id: &str, at_s: i64, event: &Event) -> Incoming {
             occurred_at: time::OffsetDateTime::from_unix_timestamp(at_s).unwrap(),
             correlation_id: format!("c{seq}"),
             causation_id: format!("c{seq}"),
+            actor: None,
             payload: bytes::Bytes::from(payload),
         }),
     }

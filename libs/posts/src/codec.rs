@@ -44,9 +44,9 @@ struct UpdatedV2 {
     author_name: Option<String>,
 }
 
-const CREATED_SCHEMA: u32 = 1;
-const UPDATED_SCHEMA: u32 = 2;
-const DELETED_SCHEMA: u32 = 1;
+pub(crate) const CREATED_SCHEMA: u32 = 1;
+pub(crate) const UPDATED_SCHEMA: u32 = 2;
+pub(crate) const DELETED_SCHEMA: u32 = 1;
 
 /// Encodes an event: (type name, schema, postcard bytes).
 #[must_use]

@@ -1,5 +1,6 @@
 //! The blog post domain: commands, events, `decide` and `apply`. Pure: no IO,
-//! no async, no NATS, redb, tantivy or HTTP types.
+//! no async, no redb, tantivy or HTTP types; [`context`] declares the
+//! stream and the aggregate for the platform's generic crates.
 //!
 //! ```
 //! use posts::{Command, Event, PostState, decide, apply};
@@ -10,9 +11,11 @@
 //! ```
 
 mod codec;
+pub mod context;
 mod domain;
 
 pub use codec::{DecodeError, decode, encode};
+pub use context::PostAggregate;
 pub use domain::{
     AUTHOR_NAME_CHARS_MAX, CONTENT_BYTES_MAX, Command, Event, InvariantViolation, Post, PostState,
     Rejection, TITLE_CHARS_MAX, apply, decide, normalize_author_name, normalize_content,

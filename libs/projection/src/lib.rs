@@ -2,7 +2,7 @@
 //! a stream from the projection's own checkpoint + 1 with an ordered consumer,
 //! applies events in batches on a blocking thread, parks poison events to the
 //! `DLQ` stream, and retries transient faults without ever advancing the
-//! checkpoint past an event that was not applied. Knows nothing about posts or
+//! checkpoint past an event that was not applied. Knows no domain and no
 //! HTTP.
 //!
 //! ```no_run

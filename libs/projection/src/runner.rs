@@ -82,8 +82,8 @@ impl RunnerOptions {
         Self {
             batch_events_max: 2_000,
             // The feed waits for the slowest subscriber's queue, so while
-            // post-search commits (about 0.1-0.2 s a second while catching
-            // up), post-view only has what is queued for it. With 8 batches
+            // a search index commits (about 0.1-0.2 s a second while catching
+            // up), a redb view only has what is queued for it. With 8 batches
             // it ran dry and both cores idled through part of each commit:
             // 32 took idle time during catch-up from 3.7% to 1.8% of the
             // two cores (3 profiled runs each) for ~13 MiB more peak RSS.
@@ -187,7 +187,7 @@ impl Batch {
 /// One ordered consumer on the stream, shared by every runner subscribed to
 /// it: each message is received and its envelope decoded once, however many
 /// projections follow (receiving and parsing headers was a fifth of
-/// `posts-query`'s CPU per projection in catch-up profiles).
+/// a query service's CPU per projection in catch-up profiles).
 ///
 /// The feed reads from the lowest position any subscriber asked for; a
 /// subscriber that asks for an earlier one (a projection resuming from its
@@ -792,7 +792,7 @@ async fn recover(
 /// Keeps only the decoded envelope: the message, header map included, is
 /// dropped here rather than held in every queued batch (a dead-letter copy
 /// is read back from the stream instead).
-fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &str) -> Incoming {
+fn to_incoming(msg: &async_nats::Message, seq: u64, prefix: &eventstore::Subjects) -> Incoming {
     Incoming {
         seq,
         envelope: RecordedEvent::from_message(msg, seq, prefix),
@@ -921,7 +921,7 @@ async fn read_range_set(
             .await?
             .ok_or("no URLs to open another connection with")?
     };
-    let prefix = store.subject_prefix().to_string();
+    let prefix = store.subjects().clone();
     let budget = Budget::new(RANGE_READER_BYTES_MAX);
     for (first, last) in bounds {
         let consumer = store
@@ -1065,7 +1065,7 @@ async fn fetch_once(
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    let prefix = store.subject_prefix().to_string();
+    let prefix = store.subjects().clone();
     loop {
         let first = loop {
             match tokio::time::timeout(STALL_TIMEOUT, messages.next()).await {
@@ -1307,6 +1307,11 @@ mod tests {
         }
     }
 
+    /// A test stream of one-token aggregates: `orders.<id>`.
+    fn orders() -> StreamSpec {
+        StreamSpec::new("ORDERS", "orders", 1, "test events")
+    }
+
     /// `n` messages on `subject_prefix` + a few subjects; no envelope is
     /// needed to check sequences.
     async fn publish(js: &jetstream::Context, subject_prefix: &str, n: u64) {
@@ -1413,10 +1418,10 @@ mod tests {
     #[tokio::test]
     async fn a_stop_during_a_fault_backoff_ends_the_runner() {
         let nats = NatsServer::start().unwrap();
-        let store = EventStore::connect(&[nats.url()], "stop-test", &StreamSpec::posts(1))
+        let store = EventStore::connect(&[nats.url()], "stop-test", &orders())
             .await
             .unwrap();
-        publish(store.jetstream(), "posts.", 5).await;
+        publish(store.jetstream(), "orders.", 5).await;
         let (p, attempts) = Fake::boxed("failing", true);
         let status = Status::new("failing", 0, 0);
         let runner = Runner::start(p, store, status.clone(), RunnerOptions::live());
@@ -1434,10 +1439,10 @@ mod tests {
     #[tokio::test]
     async fn a_drain_that_stays_halted_gives_up_with_the_fault() {
         let nats = NatsServer::start().unwrap();
-        let store = EventStore::connect(&[nats.url()], "drain-test", &StreamSpec::posts(1))
+        let store = EventStore::connect(&[nats.url()], "drain-test", &orders())
             .await
             .unwrap();
-        publish(store.jetstream(), "posts.", 5).await;
+        publish(store.jetstream(), "orders.", 5).await;
         let (p, _) = Fake::boxed("failing", true);
         let status = Status::new("failing", 0, 0);
         let drained = tokio::time::timeout(
@@ -1457,7 +1462,7 @@ mod tests {
     async fn a_faulting_projection_does_not_hold_back_the_others() {
         const EVENTS: u64 = 120;
         let nats = NatsServer::start().unwrap();
-        let store = EventStore::connect(&[nats.url()], "freeze-test", &StreamSpec::posts(1))
+        let store = EventStore::connect(&[nats.url()], "freeze-test", &orders())
             .await
             .unwrap();
         let options = RunnerOptions::live();
@@ -1468,12 +1473,12 @@ mod tests {
         let good_status = Status::new("healthy", 0, 0);
         let _bad = Runner::start_on(bad, &feed, bad_status, options.clone());
         let _good = Runner::start_on(good, &feed, good_status.clone(), options);
-        publish(store.jetstream(), "posts.", 1).await;
+        publish(store.jetstream(), "orders.", 1).await;
         // Faults enough for a backoff past a second.
         wait_attempts(&attempts, 7).await;
         // One event at a time: each its own batch, far more than a queue holds.
         for seq in 2..=EVENTS {
-            publish(store.jetstream(), "posts.", 1).await;
+            publish(store.jetstream(), "orders.", 1).await;
             assert!(
                 good_status.wait_visible(seq, Duration::from_secs(1)).await,
                 "the healthy projection stalled at {} of {seq}",
@@ -1490,7 +1495,7 @@ mod tests {
         const EVENTS: u64 = 100;
         const EVENT_BYTES: usize = 900 * 1024;
         let nats = NatsServer::start().unwrap();
-        let store = EventStore::connect(&[nats.url()], "budget-test", &StreamSpec::posts(1))
+        let store = EventStore::connect(&[nats.url()], "budget-test", &orders())
             .await
             .unwrap();
         let mut acks = Vec::new();
@@ -1508,7 +1513,7 @@ mod tests {
             acks.push(
                 store
                     .jetstream()
-                    .publish_with_headers(format!("posts.{i}"), headers, payload)
+                    .publish_with_headers(format!("orders.{i}"), headers, payload)
                     .await
                     .unwrap(),
             );
@@ -1568,10 +1573,10 @@ mod tests {
     #[tokio::test]
     async fn a_backlog_read_in_ranges_comes_in_stream_order() {
         let nats = NatsServer::start().unwrap();
-        let store = EventStore::connect(&[nats.url()], "ranges-test", &StreamSpec::posts(1))
+        let store = EventStore::connect(&[nats.url()], "ranges-test", &orders())
             .await
             .unwrap();
-        publish(store.jetstream(), "posts.", 230).await;
+        publish(store.jetstream(), "orders.", 230).await;
         // 6 ranges of 40 over 2 readers, then a start and end inside ranges.
         for (from, end) in [(1, 230), (17, 201)] {
             let (tx, rx) = mpsc::channel(10_000);
@@ -1602,13 +1607,7 @@ mod tests {
         for seq in [40, 41, 55] {
             stream.delete_message(seq).await.unwrap();
         }
-        let spec = StreamSpec {
-            name: "GAPS".into(),
-            subjects: vec!["gaps.>".into()],
-            replicas: 1,
-            description: String::new(),
-            max_bytes: -1,
-        };
+        let spec = StreamSpec::new("GAPS", "gaps", 1, "").with_max_bytes(-1);
         let store = EventStore::open_existing(client, js, &spec)
             .await
             .unwrap()
@@ -1627,9 +1626,9 @@ mod tests {
         let nats = NatsServer::start().unwrap();
         let client = async_nats::connect(nats.url()).await.unwrap();
         let js = jetstream::new(client.clone());
-        let spec = StreamSpec::posts(1);
+        let spec = orders();
         eventstore::provision(&js, &spec).await.unwrap();
-        publish(&js, "posts.", 100).await;
+        publish(&js, "orders.", 100).await;
         // No `with_dial`: the second reader cannot open its connection.
         let store = EventStore::open_existing(client, js, &spec).await.unwrap();
         let (tx, rx) = mpsc::channel(10_000);

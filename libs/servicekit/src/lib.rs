@@ -1,11 +1,16 @@
 //! What every HTTP service here shares and nothing domain-specific: RFC 9457
-//! problem documents, id parsing, tracing set-up, and the shutdown signal.
+//! problem documents, body and id parsing, the command host ([`command`],
+//! [`idempotency`]), the server with its limits, tracing set-up, and the
+//! shutdown signal.
 //!
 //! ```
 //! use servicekit::Problem;
-//! let p = Problem::new(axum::http::StatusCode::NOT_FOUND, "not-found", "post 42 not found");
+//! let p = Problem::new(axum::http::StatusCode::NOT_FOUND, "not-found", "order 42 not found");
 //! assert_eq!(p.status.as_u16(), 404);
 //! ```
+
+pub mod command;
+pub mod idempotency;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -222,9 +227,9 @@ pub fn parse_id(raw: &str, what: &str) -> Result<String, Problem> {
     }
 }
 
-/// The one path parameter of a route such as `/posts/{id}`, raw (check it
+/// The one path parameter of a route such as `/orders/{id}`, raw (check it
 /// with [`parse_id`]). Unlike axum's `Path`, a parameter axum cannot decode
-/// (`/posts/%FF`, not UTF-8) is refused with a problem document.
+/// (`/orders/%FF`, not UTF-8) is refused with a problem document.
 #[derive(Debug)]
 pub struct PathParam(pub String);
 
@@ -287,11 +292,11 @@ pub fn init_tracing() {
 }
 
 /// Turns transparent huge pages off for this process, on Linux; a no-op
-/// elsewhere. posts-query calls it at start-up.
+/// elsewhere. The query services call it at start-up.
 ///
 /// mimalloc asks for huge pages on its arenas, so the first touch of any
 /// 2 MiB region of them faulted in and zeroed all of it, used or not: 16%
-/// of posts-query's CPU in a catch-up went to the kernel zeroing pages
+/// of a query service's CPU in a catch-up went to the kernel zeroing pages
 /// (`perf`, `clear_page_erms`). With 4 KiB pages only what is used is
 /// faulted in. In 8 alternating pairs of `bench --only catchup`, peak RSS
 /// fell from 365–383 to 312–331 MiB; throughput and CPU per event stayed
@@ -513,13 +518,13 @@ mod tests {
 
     #[test]
     fn ids_are_uuids_only() {
-        assert!(parse_id("a.b.>", "post").is_err());
-        assert!(parse_id("*", "post").is_err());
-        assert!(parse_id("../../etc/passwd", "post").is_err());
+        assert!(parse_id("a.b.>", "order").is_err());
+        assert!(parse_id("*", "order").is_err());
+        assert!(parse_id("../../etc/passwd", "order").is_err());
         assert!(
-            parse_id("0190A0B4-7C1E-7A3F-9D2E-5B6C7D8E9F00", "post")
+            parse_id("0190A0B4-7C1E-7A3F-9D2E-5B6C7D8E9F00", "order")
                 .is_ok_and(|id| id == "0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00")
         );
-        assert!(parse_id("0190a0b47c1e7a3f9d2e5b6c7d8e9f00", "post").is_err());
+        assert!(parse_id("0190a0b47c1e7a3f9d2e5b6c7d8e9f00", "order").is_err());
     }
 }

@@ -24,7 +24,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let nats = start_nats().await?;
     let url = nats.url();
     let js = StreamReader::connect(&url).await?.js;
-    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    eventstore::provision(&js, &posts::context::stream(1)).await?;
     eventstore::provision(&js, &eventstore::dlq_spec(1)).await?;
     let scratch = ctx.scratch("faults")?;
     let data = scratch.path().join("query");

@@ -1257,7 +1257,7 @@ async fn a_faulty_projection_halts_then_resumes_from_its_checkpoint() -> TestRes
     let url = nats.url();
     let client = async_nats::connect(&url).await?;
     let js = async_nats::jetstream::new(client);
-    eventstore::provision(&js, &eventstore::StreamSpec::posts(1)).await?;
+    eventstore::provision(&js, &posts::context::stream(1)).await?;
     let mut ids = Vec::new();
     let mut head = 0;
     for i in 0..POSTS {

@@ -1,7 +1,8 @@
-//! `Idempotency-Key` for creates: a JetStream KV bucket maps the key to the
-//! post id it created. The key is reserved with a create-only KV write before
-//! the event is appended, and the append itself expects an empty subject, so a
-//! key creates at most one post even across instances and crashes.
+//! `Idempotency-Key` for creates: a JetStream KV bucket of the context maps
+//! the key to the aggregate id it created. The key is reserved with a
+//! create-only KV write before the event is appended, and the append itself
+//! expects an empty subject, so a key creates at most one aggregate even
+//! across instances and crashes.
 
 use std::time::Duration;
 
@@ -9,7 +10,6 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub const BUCKET: &str = "POSTS_IDEMPOTENCY";
 /// How long a key is remembered: a day covers client retry policies.
 const KEY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest accepted `Idempotency-Key`, in bytes.
@@ -24,35 +24,44 @@ const EVENT_ID_NAMESPACE: uuid::Uuid =
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reservation {
-    pub post_id: String,
+    /// The aggregate the key created.
+    pub id: String,
     /// SHA-256 of the normalised request body: a key reused with another body is refused.
     pub body_sha256: String,
 }
 
-pub async fn open_bucket(js: &jetstream::Context, replicas: usize) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
+/// The bucket `bucket` (`<STREAM>_IDEMPOTENCY`), created if missing.
+///
+/// # Errors
+/// When JetStream refuses or does not answer.
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    Ok(js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.to_string(),
-            description: "Idempotency-Key -> post id for POST /posts".to_string(),
-            max_value_size: 1024,
-            // Only the reservation matters, never its history.
-            history: 1,
-            max_age: KEY_TTL,
-            max_bytes: BUCKET_MAX_BYTES,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            republish: None,
-            mirror: None,
-            sources: None,
-            mirror_direct: false,
-            compression: false,
-            placement: None,
-            limit_markers: None,
-        })
-        .await?)
+    js.create_key_value(kv::Config {
+        bucket: bucket.to_string(),
+        description: "Idempotency-Key -> the id of the aggregate its create made".to_string(),
+        max_value_size: 1024,
+        // Only the reservation matters, never its history.
+        history: 1,
+        max_age: KEY_TTL,
+        max_bytes: BUCKET_MAX_BYTES,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        republish: None,
+        mirror: None,
+        sources: None,
+        mirror_direct: false,
+        compression: false,
+        placement: None,
+        limit_markers: None,
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// The bucket key of a client's `Idempotency-Key`, scoped by route and by
@@ -77,7 +86,7 @@ pub fn event_id_for(scoped_key: &str) -> String {
 }
 
 pub enum Reserve {
-    /// This request reserved the key for `post_id`.
+    /// This request reserved the key for the candidate's id.
     Fresh(String),
     /// An earlier request holds the key.
     Existing(Reservation),
@@ -93,7 +102,7 @@ pub async fn reserve(
     }
     let bytes = serde_json::to_vec(&candidate).map_err(|e| e.to_string())?;
     match bucket.create(key, bytes.into()).await {
-        Ok(_) => Ok(Reserve::Fresh(candidate.post_id)),
+        Ok(_) => Ok(Reserve::Fresh(candidate.id)),
         Err(e) if matches!(e.kind(), kv::CreateErrorKind::AlreadyExists) => get(bucket, key)
             .await?
             .map(Reserve::Existing)
