@@ -284,6 +284,26 @@ impl InProcessService {
         }))
     }
 
+    /// `comments-command`: connects to `nats_url` (stream `POSTS` must
+    /// exist: start posts-command first) and serves on a fresh loopback port.
+    ///
+    /// # Errors
+    /// When the start-up checks fail or no port can be bound.
+    pub async fn start_comments(nats_url: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = comments_command::Config {
+            nats_url: vec![nats_url.to_string()],
+            listen: addr,
+            replicas: 1,
+            stream_max_bytes: eventstore::STREAM_MAX_BYTES_DEFAULT,
+        };
+        let state = comments_command::connect(&config).await?;
+        Ok(Self::spawn(addr, |stop| {
+            comments_command::run(state, listener, stop)
+        }))
+    }
+
     /// `posts-query` on `data_dir`: connects to `nats_url`, opens both
     /// projections and serves on a fresh loopback port.
     ///
@@ -431,18 +451,30 @@ pub async fn jetstream_for(nats_url: &str) -> anyhow::Result<jetstream::Context>
     Ok(js)
 }
 
-/// Reads the `POSTS` stream directly with async-nats.
+/// Reads one stream (`POSTS` unless told) directly with async-nats.
 #[derive(Clone)]
 pub struct StreamReader {
     pub js: jetstream::Context,
+    pub name: String,
 }
 
 impl StreamReader {
+    /// A reader of `POSTS`.
+    ///
     /// # Errors
     /// When the server does not answer.
     pub async fn connect(nats_url: &str) -> anyhow::Result<Self> {
+        Self::connect_to(nats_url, STREAM).await
+    }
+
+    /// A reader of stream `name`.
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn connect_to(nats_url: &str, name: &str) -> anyhow::Result<Self> {
         Ok(Self {
             js: jetstream_for(nats_url).await?,
+            name: name.to_string(),
         })
     }
 
@@ -450,9 +482,9 @@ impl StreamReader {
     /// When the stream is missing or the server does not answer.
     pub async fn stream(&self) -> anyhow::Result<jetstream::stream::Stream> {
         self.js
-            .get_stream(STREAM)
+            .get_stream(&self.name)
             .await
-            .with_context(|| format!("get stream {STREAM}"))
+            .with_context(|| format!("get stream {}", self.name))
     }
 
     /// # Errors
@@ -687,13 +719,26 @@ pub fn command_args(nats_url: &str, port: u16) -> Vec<String> {
 pub async fn spawn_command_process(
     nats_url: &str,
 ) -> anyhow::Result<(testkit::ServiceProcess, String)> {
+    spawn_service_process("posts-command", nats_url).await
+}
+
+/// Spawns the command service `bin` (`posts-command`, `comments-command`),
+/// with `--nats-url` and `--listen`, on a free port and waits until it
+/// listens. Retries when the port was taken.
+///
+/// # Errors
+/// When it does not start.
+pub async fn spawn_service_process(
+    bin: &'static str,
+    nats_url: &str,
+) -> anyhow::Result<(testkit::ServiceProcess, String)> {
     let http = http_client_with_timeout(Duration::from_secs(2));
     let mut last = None;
     for _ in 0..PORT_RACE_RETRIES_MAX {
         let port = testkit::free_port();
         let args = command_args(nats_url, port);
         let spawned = tokio::task::spawn_blocking(move || {
-            testkit::ServiceProcess::spawn("posts-command", &args, &[], port)
+            testkit::ServiceProcess::spawn(bin, &args, &[], port)
         })
         .await?;
         let process = match spawned {
@@ -705,11 +750,11 @@ pub async fn spawn_command_process(
         };
         // The port may have been taken by another test's service in between,
         // which would satisfy testkit's readiness check: our own log settles it.
-        let listening = wait_for("posts-command log", Duration::from_secs(10), || {
+        let listening = wait_for(&format!("{bin} log"), Duration::from_secs(10), || {
             let log = process.log();
-            let outcome = if log.contains("posts-command listening") {
+            let outcome = if log.contains(&format!("{bin} listening")) {
                 Some(true)
-            } else if log.contains("posts-command failed") {
+            } else if log.contains(&format!("{bin} failed")) {
                 Some(false)
             } else {
                 None
@@ -721,7 +766,7 @@ pub async fn spawn_command_process(
         let livez = format!("{base_url}/livez");
         let ours = match listening {
             Ok(true) => {
-                wait_for("posts-command /livez", Duration::from_secs(5), || {
+                wait_for(&format!("{bin} /livez"), Duration::from_secs(5), || {
                     let req = http.get(&livez);
                     async move {
                         let r = Reply::of(req).await.ok()?;
@@ -730,7 +775,7 @@ pub async fn spawn_command_process(
                 })
                 .await
             }
-            Ok(false) => Err(anyhow::anyhow!("posts-command failed to start")),
+            Ok(false) => Err(anyhow::anyhow!("{bin} failed to start")),
             Err(e) => Err(e),
         };
         match ours {
@@ -738,7 +783,7 @@ pub async fn spawn_command_process(
             Err(e) => last = Some(e.context(format!("see {}", process.log_path().display()))),
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("posts-command did not start")))
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{bin} did not start")))
 }
 
 /// Spawn attempts when a free port was taken by someone else in between.

@@ -4,6 +4,8 @@
 
 #[path = "e2e/command.rs"]
 mod command;
+#[path = "e2e/comments.rs"]
+mod comments;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/query.rs"]

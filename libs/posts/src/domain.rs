@@ -79,67 +79,17 @@ pub struct InvariantViolation {
     pub state: &'static str,
 }
 
-fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<String, Rejection> {
-    let trimmed = value.trim();
-    let n_chars = trimmed.chars().count();
-    if n_chars == 0 {
-        return Err(Rejection::Invalid {
-            field,
-            reason: "must not be empty or only whitespace".into(),
-        });
+impl From<crate::text::FieldError> for Rejection {
+    fn from(e: crate::text::FieldError) -> Self {
+        Rejection::Invalid {
+            field: e.field,
+            reason: e.reason,
+        }
     }
-    if n_chars > max_chars {
-        return Err(Rejection::Invalid {
-            field,
-            reason: format!("must be at most {max_chars} characters, got {n_chars}"),
-        });
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(Rejection::Invalid {
-            field,
-            reason: "must not contain control characters".into(),
-        });
-    }
-    if let Some(c) = trimmed.chars().find(|c| is_format_char(*c)) {
-        return Err(Rejection::Invalid {
-            field,
-            reason: format!(
-                "must not contain invisible format characters (found U+{:04X}): they make look-alike names",
-                u32::from(c)
-            ),
-        });
-    }
-    Ok(trimmed.to_string())
 }
 
-/// Unicode's format characters (general category Cf): invisible, they
-/// reorder text (U+202E) or hide in it (U+200B), so "ann" and "an\u{200B}n"
-/// would show alike. The ranges of Unicode 16's Cf.
-fn is_format_char(c: char) -> bool {
-    matches!(
-        u32::from(c),
-        0x00AD
-            | 0x0600..=0x0605
-            | 0x061C
-            | 0x06DD
-            | 0x070F
-            | 0x0890..=0x0891
-            | 0x08E2
-            | 0x180E
-            | 0x200B..=0x200F
-            | 0x202A..=0x202E
-            | 0x2060..=0x2064
-            | 0x2066..=0x206F
-            | 0xFEFF
-            | 0xFFF9..=0xFFFB
-            | 0x110BD
-            | 0x110CD
-            | 0x13430..=0x1343F
-            | 0x1BCA0..=0x1BCA3
-            | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
-    )
+fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<String, Rejection> {
+    Ok(crate::text::line(field, value, max_chars)?)
 }
 
 /// Trims surrounding whitespace and checks 1..=200 characters, no control characters.
@@ -163,28 +113,7 @@ pub fn normalize_author_name(value: &str) -> Result<String, Rejection> {
 /// # Errors
 /// [`Rejection::Invalid`] naming the field.
 pub fn normalize_content(value: &str) -> Result<String, Rejection> {
-    if value.trim().is_empty() {
-        return Err(Rejection::Invalid {
-            field: "content",
-            reason: "must not be empty or only whitespace".into(),
-        });
-    }
-    if value.len() > CONTENT_BYTES_MAX {
-        return Err(Rejection::Invalid {
-            field: "content",
-            reason: format!(
-                "must be at most {CONTENT_BYTES_MAX} bytes, got {}",
-                value.len()
-            ),
-        });
-    }
-    if value.contains('\0') {
-        return Err(Rejection::Invalid {
-            field: "content",
-            reason: "must not contain NUL characters".into(),
-        });
-    }
-    Ok(value.to_string())
+    Ok(crate::text::body("content", value, CONTENT_BYTES_MAX)?)
 }
 
 /// Decides which events a command produces on a state.

@@ -13,6 +13,7 @@
 mod codec;
 pub mod context;
 mod domain;
+pub mod text;
 
 pub use codec::{DecodeError, decode, encode};
 pub use context::PostAggregate;

@@ -12,6 +12,7 @@
 //! # }
 //! ```
 
+pub mod durable;
 mod runner;
 mod status;
 

@@ -75,7 +75,10 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let command = spawn_command(&joined, 3, SPAWN_ATTEMPTS_MAX).await?;
     let query = spawn_query(&joined, data.path(), 3, SPAWN_ATTEMPTS_MAX).await?;
     let reads = read_client();
-    let reader = StreamReader { js: js.clone() };
+    let reader = StreamReader {
+        js: js.clone(),
+        name: e2e_tests::STREAM.to_string(),
+    };
     let cfg = LoadConfig {
         command_urls: vec![command.base_url.clone()],
         authors: LoadConfig::default_authors(),

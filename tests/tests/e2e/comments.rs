@@ -1,0 +1,448 @@
+//! The comments context over real HTTP and a real nats-server: the
+//! comments-command contract with its bad inputs, the post checked against
+//! stream `POSTS`, and the `post-deleted-cascade` process manager.
+
+use std::time::Duration;
+
+use e2e_tests::{
+    InProcessService, Reply, StreamReader, http_client, msg_header, start_nats, wait_for,
+};
+use serde_json::{Value, json};
+
+/// How long the cascade may take to react in these small tests.
+const CASCADE_DEADLINE: Duration = Duration::from_secs(30);
+
+struct Env {
+    _nats: testkit::NatsServer,
+    posts: InProcessService,
+    comments: InProcessService,
+    http: reqwest::Client,
+    stream: StreamReader,
+    nats_url: String,
+}
+
+impl Env {
+    async fn start() -> anyhow::Result<Self> {
+        let nats = start_nats().await?;
+        let posts = InProcessService::start_command(&nats.url()).await?;
+        let comments = InProcessService::start_comments(&nats.url()).await?;
+        let stream = StreamReader::connect_to(&nats.url(), "COMMENTS").await?;
+        Ok(Self {
+            nats_url: nats.url(),
+            _nats: nats,
+            posts,
+            comments,
+            http: http_client(),
+            stream,
+        })
+    }
+
+    async fn new_post(&self) -> anyhow::Result<String> {
+        let reply = Reply::of(
+            self.http
+                .post(format!("{}/posts", self.posts.base_url))
+                .json(&json!({"title": "t", "content": "c", "author_name": "ann"})),
+        )
+        .await?;
+        Ok(reply.ack(201).post_id)
+    }
+
+    async fn delete_post(&self, post_id: &str) -> anyhow::Result<Reply> {
+        Reply::of(
+            self.http
+                .delete(format!("{}/posts/{post_id}", self.posts.base_url)),
+        )
+        .await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.comments.base_url)
+    }
+
+    async fn add(&self, post_id: &str, body: &Value) -> anyhow::Result<Reply> {
+        Reply::of(
+            self.http
+                .post(self.url(&format!("/posts/{post_id}/comments")))
+                .json(body),
+        )
+        .await
+    }
+
+    async fn new_comment(&self, post_id: &str, author: &str) -> anyhow::Result<String> {
+        let reply = self
+            .add(post_id, &json!({"body": "nice", "author_name": author}))
+            .await?;
+        assert_eq!(reply.status, 201, "{reply:?}");
+        Ok(reply.json()["comment_id"].as_str().expect("comment_id").to_string())
+    }
+
+    async fn comments_last_seq(&self) -> anyhow::Result<u64> {
+        self.stream.last_seq().await
+    }
+
+    /// The `CommentRemoved` events of one comment.
+    async fn removals(
+        &self,
+        post_id: &str,
+        comment_id: &str,
+    ) -> anyhow::Result<Vec<async_nats::jetstream::message::StreamMessage>> {
+        let subject = format!("comments.{post_id}.{comment_id}");
+        Ok(self
+            .stream
+            .all_messages()
+            .await?
+            .into_iter()
+            .filter(|m| {
+                m.subject.as_str() == subject
+                    && msg_header(m, "Event-Type") == Some("CommentRemoved")
+            })
+            .collect())
+    }
+}
+
+fn decoded(msg: &async_nats::jetstream::message::StreamMessage) -> comments::Event {
+    comments::decode(
+        msg_header(msg, "Event-Type").expect("Event-Type"),
+        msg_header(msg, "Event-Schema").expect("Event-Schema").parse().expect("a schema number"),
+        &msg.payload,
+    )
+    .expect("a comment event")
+}
+
+#[tokio::test]
+async fn comments_follow_the_contract_and_refuse_bad_input_without_appending() -> anyhow::Result<()>
+{
+    let env = Env::start().await?;
+    let post_id = env.new_post().await?;
+
+    // Add: 201, the ack, Location, ETag, and one event on the comment's subject.
+    let reply = env
+        .add(
+            &post_id,
+            &json!({"body": "  first!  ", "author_name": "  bo "}),
+        )
+        .await?;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let ack = reply.json();
+    let comment_id = ack["comment_id"].as_str().expect("comment_id").to_string();
+    assert_eq!(ack["post_id"], json!(post_id));
+    assert_eq!(ack["version"], json!(1));
+    let mut keys: Vec<&str> = ack
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["comment_id", "post_id", "seq", "version"]);
+    assert_eq!(
+        reply.header("location"),
+        Some(format!("/posts/{post_id}/comments/{comment_id}").as_str())
+    );
+    assert_eq!(reply.header("etag"), Some("\"1\""));
+    let msgs = env.stream.all_messages().await?;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0].subject.as_str(),
+        format!("comments.{post_id}.{comment_id}")
+    );
+    assert_eq!(msgs[0].sequence, ack["seq"].as_u64().expect("seq"));
+    assert_eq!(
+        decoded(&msgs[0]),
+        comments::Event::Added {
+            post_id: post_id.clone(),
+            body: "  first!  ".into(),
+            author_name: "bo".into(),
+        }
+    );
+
+    // Edit, with and without If-Match; remove; remove again.
+    let path = format!("/posts/{post_id}/comments/{comment_id}");
+    let edit = |body: Value, if_match: Option<&'static str>| {
+        let mut req = env.http.patch(env.url(&path)).json(&body);
+        if let Some(v) = if_match {
+            req = req.header("If-Match", v);
+        }
+        Reply::of(req)
+    };
+    let r = edit(json!({"body": "edited"}), Some("\"1\"")).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["version"], json!(2));
+    assert_eq!(r.header("etag"), Some("\"2\""));
+    edit(json!({"body": "again"}), Some("\"1\""))
+        .await?
+        .assert_problem(412, "version 2");
+
+    let before_refusals = env.comments_last_seq().await?;
+    // Bad inputs: each a precise 4xx, none appends.
+    edit(json!({"body": "   "}), None)
+        .await?
+        .assert_problem(422, "body");
+    edit(json!({"body": "x".repeat(10_001)}), None)
+        .await?
+        .assert_problem(422, "at most 10000 bytes");
+    edit(json!({"body": "ok", "author_name": "x"}), None)
+        .await?
+        .assert_problem(400, "unknown field");
+    let malformed = Reply::of(
+        env.http
+            .patch(env.url(&path))
+            .header("content-type", "application/json")
+            .body("{\"body\":"),
+    )
+    .await?;
+    malformed.assert_problem(400, "");
+    let wrong_type = Reply::of(
+        env.http
+            .post(env.url(&format!("/posts/{post_id}/comments")))
+            .header("content-type", "text/plain")
+            .body("hi"),
+    )
+    .await?;
+    wrong_type.assert_problem(415, "application/json");
+    let huge = Reply::of(
+        env.http
+            .post(env.url(&format!("/posts/{post_id}/comments")))
+            .header("content-type", "application/json")
+            .body(format!(
+                "{{\"body\":\"{}\",\"author_name\":\"bo\"}}",
+                "x".repeat(70_000)
+            )),
+    )
+    .await?;
+    huge.assert_problem(413, "");
+    env.add(
+        &post_id,
+        &json!({"body": "ok", "author_name": "a\u{202E}b"}),
+    )
+    .await?
+    .assert_problem(422, "author_name");
+    env.add(&post_id, &json!({"body": "", "author_name": "bo"}))
+        .await?
+        .assert_problem(422, "body");
+    env.add("not-a-uuid", &json!({"body": "ok", "author_name": "bo"}))
+        .await?
+        .assert_problem(400, "not a UUID");
+    let unknown_post = uuid::Uuid::now_v7().to_string();
+    env.add(&unknown_post, &json!({"body": "ok", "author_name": "bo"}))
+        .await?
+        .assert_problem(404, &format!("post {unknown_post} not found"));
+    // The comment under another post is not that post's comment.
+    let other_post = env.new_post().await?;
+    Reply::of(
+        env.http
+            .patch(env.url(&format!("/posts/{other_post}/comments/{comment_id}")))
+            .json(&json!({"body": "moved?"})),
+    )
+    .await?
+    .assert_problem(404, "not found");
+    Reply::of(env.http.delete(env.url(&format!(
+        "/posts/{post_id}/comments/{}",
+        uuid::Uuid::now_v7()
+    ))))
+    .await?
+    .assert_problem(404, "not found");
+    assert_eq!(
+        env.comments_last_seq().await?,
+        before_refusals,
+        "a refused command appended an event"
+    );
+
+    let removed = Reply::of(env.http.delete(env.url(&path))).await?;
+    assert_eq!(removed.status, 200, "{removed:?}");
+    assert_eq!(removed.json()["version"], json!(3));
+    Reply::of(env.http.delete(env.url(&path)))
+        .await?
+        .assert_problem(409, "removed");
+    edit(json!({"body": "after"}), None)
+        .await?
+        .assert_problem(409, "removed");
+    let last = env.stream.all_messages().await?.pop().expect("a message");
+    assert_eq!(
+        decoded(&last),
+        comments::Event::Removed {
+            reason: comments::RemovalReason::Author
+        }
+    );
+
+    // A deleted post takes no new comment.
+    env.delete_post(&other_post).await?;
+    let before = env.comments_last_seq().await?;
+    env.add(&other_post, &json!({"body": "late", "author_name": "bo"}))
+        .await?
+        .assert_problem(409, "deleted");
+    assert_eq!(env.comments_last_seq().await?, before);
+
+    // Idempotency-Key: the same key and body make one comment.
+    let keyed = |key: &'static str, body: &'static str| {
+        Reply::of(
+            env.http
+                .post(env.url(&format!("/posts/{post_id}/comments")))
+                .header("Idempotency-Key", key)
+                .json(&json!({"body": body, "author_name": "cy"})),
+        )
+    };
+    let first = keyed("k-1", "once").await?;
+    let second = keyed("k-1", "once").await?;
+    assert_eq!(first.status, 201);
+    assert_eq!(second.status, 201);
+    assert_eq!(first.json()["comment_id"], second.json()["comment_id"]);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    keyed("k-1", "other body")
+        .await?
+        .assert_problem(422, "different body");
+    let adds = env
+        .stream
+        .all_messages()
+        .await?
+        .iter()
+        .filter(|m| msg_header(m, "Event-Type") == Some("CommentAdded"))
+        .count();
+    assert_eq!(adds, 2, "the keyed create appended twice");
+
+    // /projections lists the process manager with a checkpoint per stream.
+    let p = Reply::of(env.http.get(env.url("/projections")))
+        .await?
+        .json();
+    assert_eq!(p["data"][0]["name"], json!("post-deleted-cascade"));
+    assert!(p["data"][0]["checkpoints"]["POSTS"].is_u64(), "{p}");
+    assert!(p["data"][0]["checkpoints"]["COMMENTS"].is_u64(), "{p}");
+    let ready = Reply::of(env.http.get(env.url("/readyz"))).await?;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deleted_post_removes_each_live_comment_exactly_once() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    let post_id = env.new_post().await?;
+    let untouched_post = env.new_post().await?;
+    let live: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(env.new_comment(&post_id, &format!("c{i}")).await?);
+        }
+        ids
+    };
+    let by_author = env.new_comment(&post_id, "gone").await?;
+    let r = Reply::of(
+        env.http
+            .delete(env.url(&format!("/posts/{post_id}/comments/{by_author}"))),
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    let elsewhere = env.new_comment(&untouched_post, "stays").await?;
+
+    let deleted = Reply::of(
+        env.http
+            .delete(format!("{}/posts/{post_id}", env.posts.base_url))
+            .header("X-Correlation-Id", "cascade-test")
+            .header("Actor", "moderator-7"),
+    )
+    .await?;
+    assert_eq!(deleted.status, 200);
+    let posts_reader = StreamReader::connect(&env.nats_url).await?;
+    let deleted_msg = posts_reader.post_messages(&post_id).await?.pop().expect("the PostDeleted");
+    let deleted_id = msg_header(&deleted_msg, "Nats-Msg-Id").expect("Nats-Msg-Id").to_string();
+
+    wait_for("every live comment removed", CASCADE_DEADLINE, || async {
+        for c in &live {
+            if env.removals(&post_id, c).await.ok()?.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
+    // The cascade's consumer has moved past the PostDeleted: nothing more comes.
+    wait_for(
+        "the cascade's checkpoint past the delete",
+        CASCADE_DEADLINE,
+        || async {
+            let p = Reply::of(env.http.get(env.url("/projections")))
+                .await
+                .ok()?
+                .json();
+            (p["data"][0]["checkpoints"]["POSTS"].as_u64()? >= deleted_msg.sequence).then_some(())
+        },
+    )
+    .await?;
+    for c in &live {
+        let removals = env.removals(&post_id, c).await?;
+        assert_eq!(
+            removals.len(),
+            1,
+            "comment {c} removed {} times",
+            removals.len()
+        );
+        let m = &removals[0];
+        assert_eq!(
+            decoded(m),
+            comments::Event::Removed {
+                reason: comments::RemovalReason::PostDeleted
+            }
+        );
+        assert_eq!(msg_header(m, "Causation-Id"), Some(deleted_id.as_str()));
+        assert_eq!(msg_header(m, "Correlation-Id"), Some("cascade-test"));
+        assert_eq!(msg_header(m, "Actor"), Some("moderator-7"));
+        assert_eq!(
+            msg_header(m, "Nats-Msg-Id"),
+            Some(
+                comments_command::cascade::effect_id(&deleted_id, &format!("{post_id}.{c}"))
+                    .as_str()
+            )
+        );
+    }
+    // The comment its author removed keeps its one removal; the other
+    // post's comment none.
+    assert_eq!(env.removals(&post_id, &by_author).await?.len(), 1);
+    assert!(env.removals(&untouched_post, &elsewhere).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_comment_appended_after_its_post_was_deleted_is_removed_too() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    let post_id = env.new_post().await?;
+    let deleted = env.delete_post(&post_id).await?;
+    assert_eq!(deleted.status, 200);
+    // A comment decided while the post was live, appended after the
+    // cascade ran: written straight to the stream, as a slow instance would.
+    let comment_id = uuid::Uuid::now_v7().to_string();
+    let store = eventstore::EventStore::connect_existing(
+        std::slice::from_ref(&env.nats_url),
+        "late-writer",
+        &comments::context::stream(1),
+    )
+    .await?;
+    let (event_type, schema, payload) = comments::encode(&comments::Event::Added {
+        post_id: post_id.clone(),
+        body: "decided before the delete".into(),
+        author_name: "slow".into(),
+    });
+    let meta = eventstore::Metadata {
+        correlation_id: "late".into(),
+        causation_id: "late".into(),
+        event_id: None,
+        actor: None,
+    };
+    store
+        .append(
+            &format!("{post_id}.{comment_id}"),
+            0,
+            &eventstore::EncodedEvent {
+                event_type,
+                schema,
+                payload,
+            },
+            time::OffsetDateTime::now_utc(),
+            &meta,
+        )
+        .await?;
+    wait_for("the late comment removed", CASCADE_DEADLINE, || async {
+        (!env.removals(&post_id, &comment_id).await.ok()?.is_empty()).then_some(())
+    })
+    .await?;
+    assert_eq!(env.removals(&post_id, &comment_id).await?.len(), 1);
+    Ok(())
+}
