@@ -14,6 +14,8 @@
 //! Scenarios are independent (own nats-server, own data dirs) and run in
 //! parallel.
 
+#[path = "chaos/cascade.rs"]
+mod cascade;
 #[path = "chaos/checks.rs"]
 mod checks;
 #[path = "chaos/cluster.rs"]
@@ -85,6 +87,11 @@ async fn cluster_stream_leader_sigkilled_under_write_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_events_are_parked_and_refused() {
     support::run("poison", poison::scenario).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn comments_command_sigkilled_mid_cascade_with_two_instances() {
+    support::run("cascade", cascade::scenario).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -524,6 +524,21 @@ pub async fn spawn_command(
     .await
 }
 
+/// Spawns a `comments-command` process (stream `POSTS` must exist).
+///
+/// # Errors
+/// When it does not start after `attempts` tries.
+pub async fn spawn_comments(nats_urls: &str, attempts: u32) -> anyhow::Result<Service> {
+    let urls = nats_urls.to_string();
+    Service::spawn(
+        "comments-command",
+        move |port| command_args(&urls, 1, port),
+        &[],
+        attempts.max(PORT_ATTEMPTS_MAX),
+    )
+    .await
+}
+
 /// Spawns a `posts-query` process on `data_dir`.
 ///
 /// # Errors

@@ -73,7 +73,10 @@ impl Env {
             .add(post_id, &json!({"body": "nice", "author_name": author}))
             .await?;
         assert_eq!(reply.status, 201, "{reply:?}");
-        Ok(reply.json()["comment_id"].as_str().expect("comment_id").to_string())
+        Ok(reply.json()["comment_id"]
+            .as_str()
+            .expect("comment_id")
+            .to_string())
     }
 
     async fn comments_last_seq(&self) -> anyhow::Result<u64> {
@@ -103,7 +106,10 @@ impl Env {
 fn decoded(msg: &async_nats::jetstream::message::StreamMessage) -> comments::Event {
     comments::decode(
         msg_header(msg, "Event-Type").expect("Event-Type"),
-        msg_header(msg, "Event-Schema").expect("Event-Schema").parse().expect("a schema number"),
+        msg_header(msg, "Event-Schema")
+            .expect("Event-Schema")
+            .parse()
+            .expect("a schema number"),
         &msg.payload,
     )
     .expect("a comment event")
@@ -342,8 +348,14 @@ async fn a_deleted_post_removes_each_live_comment_exactly_once() -> anyhow::Resu
     .await?;
     assert_eq!(deleted.status, 200);
     let posts_reader = StreamReader::connect(&env.nats_url).await?;
-    let deleted_msg = posts_reader.post_messages(&post_id).await?.pop().expect("the PostDeleted");
-    let deleted_id = msg_header(&deleted_msg, "Nats-Msg-Id").expect("Nats-Msg-Id").to_string();
+    let deleted_msg = posts_reader
+        .post_messages(&post_id)
+        .await?
+        .pop()
+        .expect("the PostDeleted");
+    let deleted_id = msg_header(&deleted_msg, "Nats-Msg-Id")
+        .expect("Nats-Msg-Id")
+        .to_string();
 
     wait_for("every live comment removed", CASCADE_DEADLINE, || async {
         for c in &live {
