@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for the services: posts-command, posts-query and replay, built in
+# One image for the services: posts-command, posts-query, comments-command and replay, built in
 # release from the whole workspace. docker-compose.yml picks the binary with
 # `command:`. Needs BuildKit (the default builder of current Docker) for the
 # cache mounts, which keep the registry and target dir between builds.
@@ -13,7 +13,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
     && mkdir -p /out \
-    && cp target/release/posts-command target/release/posts-query target/release/replay /out/
+    && cp target/release/posts-command target/release/posts-query target/release/comments-command target/release/replay /out/
 
 # Same Debian release as the build stage, so the glibc matches.
 FROM debian:bookworm-slim

@@ -11,6 +11,7 @@ set positional-arguments
 nats_url := "nats://127.0.0.1:4222"
 command_listen := "127.0.0.1:3000"
 query_listen := "127.0.0.1:4000"
+comments_listen := "127.0.0.1:3001"
 query_data_dir := "./data/query"
 release_dir := env("CARGO_TARGET_DIR", "target") / "release"
 
@@ -23,7 +24,7 @@ default:
 ensure-nats:
     @bash scripts/ensure-tool nats-server
 
-# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command and posts-query until Ctrl-C.
+# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command, posts-query and comments-command until Ctrl-C.
 up:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -33,10 +34,10 @@ up:
     stop_timeout_s=15
 
     nats_bin="$(bash scripts/ensure-tool nats-server)"
-    cargo build --release --bin posts-command --bin posts-query --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin replay
 
     port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}'; do
+    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}' '{{ comments_listen }}'; do
         if port_open "${address%:*}" "${address##*:}"; then
             echo "up: $address is already in use (another \`just up\`?); stop that first" >&2
             exit 1
@@ -139,13 +140,19 @@ up:
         --data-dir '{{ query_data_dir }}' --replicas 1
     command_listen='{{ command_listen }}'
     query_listen='{{ query_listen }}'
+    comments_listen='{{ comments_listen }}'
     wait_listening posts-command "${pids[1]}" "${command_listen%:*}" "${command_listen##*:}"
+    # comments-command waits for stream POSTS, which posts-command creates.
+    start comments '{{ release_dir }}/comments-command' \
+        --nats-url '{{ nats_url }}' --listen '{{ comments_listen }}' --replicas 1
     wait_listening posts-query "${pids[2]}" "${query_listen%:*}" "${query_listen##*:}"
+    wait_listening comments-command "${pids[3]}" "${comments_listen%:*}" "${comments_listen##*:}"
 
     echo
     echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222)"
     echo "up: command   http://{{ command_listen }}"
     echo "up: query     http://{{ query_listen }}"
+    echo "up: comments  http://{{ comments_listen }}"
     echo "up: Ctrl-C stops everything"
     echo
 
@@ -215,7 +222,7 @@ bench *args:
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
     # The bench spawns the service binaries: rebuild them, not just the bench.
-    cargo build --release --bin posts-command --bin posts-query --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin replay
     cargo run --release --bin bench -- "$@"
 
 # Formats the workspace; `just fmt --check` only checks.

@@ -36,7 +36,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// Timeout of the async-nats requests the tests make themselves.
 const NATS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The stream and subject layout of DESIGN.md, spelled out independently of
+/// The stream and subject layout of docs/api.md, spelled out independently of
 /// the product's constants so a rename there fails here.
 pub const STREAM: &str = "POSTS";
 

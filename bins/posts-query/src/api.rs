@@ -1,4 +1,4 @@
-//! HTTP contract of the query side (see DESIGN.md).
+//! HTTP contract of the query side (see docs/api.md).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,7 +24,7 @@ const LIMIT_DEFAULT: usize = 20;
 const LIMIT_MAX: usize = 1000;
 /// A history page's default size.
 const HISTORY_LIMIT_DEFAULT: usize = 100;
-/// Every list stops before its body reaches this (DESIGN.md): `limit`
+/// Every list stops before its body reaches this (docs/api.md): `limit`
 /// counts items, this bounds what one answer costs in memory whatever the
 /// items' size; `next_cursor` carries on.
 pub(crate) const PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;

@@ -1180,7 +1180,7 @@ async fn fetch_once(
     }
 }
 
-/// `dlq.<projection>.<STREAM>.<seq>` (DESIGN.md): the source stream named,
+/// `dlq.<projection>.<STREAM>.<seq>` (docs/api.md): the source stream named,
 /// as a projection may follow several.
 fn dlq_subject(name: &str, stream: &str, seq: u64) -> String {
     format!("dlq.{name}.{stream}.{seq}")

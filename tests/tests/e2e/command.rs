@@ -1,4 +1,4 @@
-//! The `posts-command` HTTP contract of DESIGN.md, over real sockets against a
+//! The `posts-command` HTTP contract of docs/api.md, over real sockets against a
 //! real nats-server, with the stream inspected directly through async-nats.
 
 use std::collections::{HashMap, HashSet};

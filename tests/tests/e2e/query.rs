@@ -1,4 +1,4 @@
-//! The `posts-query` HTTP contract of DESIGN.md ("Query service",
+//! The `posts-query` HTTP contract of docs/api.md ("Query service",
 //! "Projections"), over real sockets against a real nats-server: reads,
 //! listings, search, history, bad input, read-your-writes, restarts on the
 //! same data dir, poison events and the agreement of the two read models.

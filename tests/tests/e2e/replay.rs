@@ -1,4 +1,4 @@
-//! The `replay` tool of DESIGN.md ("Replay tool") as a real process: offline
+//! The `replay` tool of docs/api.md ("Replay tool") as a real process: offline
 //! on a stopped service's files, online against a running `posts-query`
 //! under read load, killed mid-rebuild, and its usage and connection errors.
 
