@@ -43,6 +43,11 @@ pub fn app(state: AppState) -> Router {
         .route("/posts/search", get(search))
         .route("/posts/{id}", get(get_post))
         .route("/posts/{id}/events", get(history))
+        .route("/posts/{id}/comments", get(crate::comments_api::list))
+        .route(
+            "/posts/{id}/comments/{comment_id}",
+            get(crate::comments_api::get_one),
+        )
         .route("/projections", get(projections))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -70,7 +75,7 @@ fn bad(slug: &'static str, detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, slug, detail)
 }
 
-fn limit(params: &HashMap<String, String>) -> Result<usize, Problem> {
+pub(crate) fn limit(params: &HashMap<String, String>) -> Result<usize, Problem> {
     limit_or(params, LIMIT_DEFAULT)
 }
 
@@ -98,22 +103,32 @@ fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, Problem> {
     }
 }
 
-/// The read's `min_seq` (query param, else `X-Min-Seq`), if it has one.
-fn min_seq(params: &HashMap<String, String>, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
-    let invalid = |raw: &str| {
-        bad(
-            "invalid-min-seq",
-            format!("min_seq must be a stream sequence (u64), got {raw:?}"),
-        )
-    };
+/// The read's `min_seq` (query param, else `X-Min-Seq`) for `stream`, the
+/// one stream the route's projection follows: a bare number, or the
+/// `STREAM:n[,STREAM:n...]` form naming only that stream.
+pub(crate) fn min_seq_of(
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    stream: &str,
+) -> Result<Option<u64>, Problem> {
+    let invalid = |detail: String| bad("invalid-min-seq", detail);
     let raw = match (params.get("min_seq"), headers.get("x-min-seq")) {
         (Some(p), _) => p.as_str(),
-        (None, Some(h)) => h
-            .to_str()
-            .map_err(|_| invalid(&String::from_utf8_lossy(h.as_bytes())))?,
+        (None, Some(h)) => h.to_str().map_err(|_| {
+            invalid(format!(
+                "min_seq must be a stream sequence (u64), got {:?}",
+                String::from_utf8_lossy(h.as_bytes())
+            ))
+        })?,
         (None, None) => return Ok(None),
     };
-    raw.trim().parse().map(Some).map_err(|_| invalid(raw))
+    let wanted = projection::parse_min_seq(raw, &[stream]).map_err(invalid)?;
+    Ok(wanted.into_iter().map(|(_, n)| n).max())
+}
+
+/// The read's `min_seq` for stream `POSTS`.
+fn min_seq(params: &HashMap<String, String>, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    min_seq_of(params, headers, posts::context::STREAM)
 }
 
 /// Waits until `projection` has applied `min_seq` (query param or
@@ -130,12 +145,19 @@ async fn read_your_writes(
     let Some(status) = state.status(projection) else {
         return Ok(());
     };
+    wait_visible(&status, min_seq).await
+}
+
+/// Waits until `status`'s projection has applied `min_seq`, on a
+/// notification, at most [`MIN_SEQ_WAIT_MAX`]; then 503 with `Retry-After`.
+pub(crate) async fn wait_visible(status: &projection::Status, min_seq: u64) -> Result<(), Problem> {
     if status.wait_visible(min_seq, MIN_SEQ_WAIT_MAX).await {
         Ok(())
     } else {
         Err(Problem::unavailable(
             format!(
-                "{projection} has applied up to sequence {}, not yet {min_seq}; retry shortly",
+                "{} has applied up to sequence {}, not yet {min_seq}; retry shortly",
+                status.name(),
                 status.visible()
             ),
             RETRY_AFTER_SECS,
@@ -178,7 +200,9 @@ fn view_problem(e: ViewError) -> Problem {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Problem> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Problem> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Problem::internal(&e))
@@ -506,6 +530,7 @@ async fn projections(State(state): State<AppState>) -> Response {
             json!({
                 "name": snap.name,
                 "checkpoint": snap.checkpoint,
+                "checkpoints": { posts::context::STREAM: snap.checkpoint },
                 "applied": snap.applied,
                 "stream_last_seq": last,
                 "lag": last.map(|l| l.saturating_sub(snap.checkpoint)),
@@ -519,7 +544,45 @@ async fn projections(State(state): State<AppState>) -> Response {
             })
         })
         .collect();
+    let mut data = data;
+    data.push(comment_view_entry(&state).await);
     Json(json!({ "data": data })).into_response()
+}
+
+/// The `/projections` entry of comment-view, which follows `COMMENTS`.
+async fn comment_view_entry(state: &AppState) -> Value {
+    let side = &state.inner.comments;
+    let snap = side.status.snapshot();
+    let followed = side.followed.get();
+    let last = match followed {
+        Some((store, _)) => tokio::time::timeout(STREAM_INFO_TIMEOUT, store.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
+    let reader = state.comment_reader().clone();
+    let recent = blocking(move || reader.parked_recent().unwrap_or_default())
+        .await
+        .unwrap_or_default();
+    json!({
+        "name": snap.name,
+        "checkpoint": snap.checkpoint,
+        "checkpoints": { comments::context::STREAM: snap.checkpoint },
+        "applied": snap.applied,
+        "stream_last_seq": last,
+        "lag": last.map(|l| l.saturating_sub(snap.checkpoint)),
+        "state": snap.state,
+        "parked": snap.parked,
+        "parked_recent": recent,
+        "caught_up_once": snap.caught_up_once,
+        "last_error": snap.last_error,
+        "stream_error": match followed {
+            Some((_, feed)) => feed.stream_error(),
+            None => Some("waiting for stream COMMENTS (created by comments-command)".to_string()),
+        },
+        "rebuild": Value::Null,
+    })
 }
 
 /// Ready once every projection has caught up once, and while none is
@@ -528,6 +591,21 @@ async fn projections(State(state): State<AppState>) -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut not_ready = Vec::new();
     for s in &state.inner.statuses {
+        if s.state() == projection::ProjectionState::Halted {
+            not_ready.push(format!(
+                "{} is halted: {}",
+                s.name(),
+                s.last_error().unwrap_or_default()
+            ));
+        } else if !s.caught_up_once() {
+            not_ready.push(format!("{} is still catching up", s.name()));
+        }
+    }
+    // comment-view counts once its stream exists: until comments-command
+    // has created it there is nothing to catch up with.
+    let comments = &state.inner.comments;
+    if comments.followed.get().is_some() {
+        let s = &comments.status;
         if s.state() == projection::ProjectionState::Halted {
             not_ready.push(format!(
                 "{} is halted: {}",

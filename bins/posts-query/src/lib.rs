@@ -6,6 +6,7 @@
 //! it in-process; [`app`] is the router.
 
 mod api;
+mod comments_api;
 mod live;
 
 use std::future::Future;
@@ -69,7 +70,7 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let lock = DataDirLock::acquire(&config.data_dir, listen, admin.local_addr()?)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
-    AppState::open(store, lock, admin, &config.data_dir)
+    AppState::open(store, lock, admin, &config.data_dir, &config.nats_url)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves. Until the

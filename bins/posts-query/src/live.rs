@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use eventstore::EventStore;
+use posts_projections::comment_view::{self, COMMENT_VIEW, CommentReader};
 use posts_projections::rebuild::{self, Reader, Shadow};
 use posts_projections::search::{self, SearchReader};
 use posts_projections::view::{self, ViewReader};
@@ -71,8 +72,20 @@ impl Drop for DataDirLock {
     }
 }
 
+/// `comment-view` and its stream. Stream `COMMENTS` is created by
+/// comments-command, which may start after this service: until it exists
+/// the view serves what its file holds (nothing, the first time) and does
+/// not hold readiness back; once it exists the view follows it.
+pub(crate) struct CommentSide {
+    pub reader: CommentReader,
+    pub status: Arc<Status>,
+    /// Stream `COMMENTS` and its feed, once the stream exists.
+    pub followed: std::sync::OnceLock<(EventStore, Feed)>,
+}
+
 pub(crate) struct Inner {
     pub store: EventStore,
+    pub comments: CommentSide,
     /// One ordered consumer feeding both projections.
     pub feed: Feed,
     pub data_dir: PathBuf,
@@ -111,6 +124,7 @@ impl AppState {
         lock: DataDirLock,
         admin_listener: tokio::net::TcpListener,
         data_dir: &Path,
+        nats_urls: &[String],
     ) -> anyhow::Result<Self> {
         let view_path = data_dir.join(format!("{POST_VIEW}.redb"));
         let (view_p, view_r) = view::open(&view_path)
@@ -118,6 +132,14 @@ impl AppState {
         let search_path = data_dir.join(POST_SEARCH);
         let (search_p, search_r) = search::open(&search_path, search::WRITER_HEAP_LIVE_BYTES)
             .with_context(|| format!("cannot open {}", search_path.display()))?;
+        let comments_path = data_dir.join(format!("{COMMENT_VIEW}.redb"));
+        let (comments_p, comments_r) = comment_view::open(&comments_path)
+            .with_context(|| format!("cannot open {}", comments_path.display()))?;
+        let comments_status = Status::new(
+            COMMENT_VIEW,
+            comments_p.visible(),
+            comments_p.parked_total(),
+        );
         let mut runners = HashMap::new();
         let mut statuses = Vec::new();
         let feed = Feed::start(store.clone(), &RunnerOptions::live(), "posts-query");
@@ -133,9 +155,14 @@ impl AppState {
                 Runner::start_on(p, &feed, status, RunnerOptions::live()),
             );
         }
-        Ok(Self {
+        let state = Self {
             inner: Arc::new(Inner {
                 store,
+                comments: CommentSide {
+                    reader: comments_r,
+                    status: comments_status,
+                    followed: std::sync::OnceLock::new(),
+                },
                 feed,
                 data_dir: data_dir.to_path_buf(),
                 view: RwLock::new(view_r),
@@ -151,7 +178,51 @@ impl AppState {
                 admin_listener: std::sync::Mutex::new(Some(admin_listener)),
                 _lock: lock,
             }),
-        })
+        };
+        state.follow_comments(comments_p, nats_urls.to_vec());
+        Ok(state)
+    }
+
+    /// Waits (in the background) for stream `COMMENTS`, then runs
+    /// `comment-view` on it.
+    fn follow_comments(&self, projection: comment_view::CommentViewProjection, urls: Vec<String>) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let spec = comments::context::stream(1);
+            let store =
+                match EventStore::connect_existing(&urls, "posts-query-comments", &spec).await {
+                    Ok(store) => store,
+                    Err(e) => {
+                        tracing::error!(error = %e, "comment-view cannot follow stream COMMENTS");
+                        state.inner.comments.status.set_error(Some(e.to_string()));
+                        return;
+                    }
+                };
+            let feed = Feed::start(
+                store.clone(),
+                &RunnerOptions::live(),
+                "posts-query-comments",
+            );
+            let runner = Runner::start_on(
+                Box::new(projection),
+                &feed,
+                state.inner.comments.status.clone(),
+                RunnerOptions::live(),
+            );
+            state
+                .inner
+                .runners
+                .lock()
+                .await
+                .insert(COMMENT_VIEW.to_string(), runner);
+            let _ = state.inner.comments.followed.set((store, feed));
+            tracing::info!("comment-view follows stream COMMENTS");
+        });
+    }
+
+    /// The comment view's reader.
+    pub(crate) fn comment_reader(&self) -> &CommentReader {
+        &self.inner.comments.reader
     }
 
     pub(crate) fn status(&self, name: &str) -> Option<Arc<Status>> {

@@ -10,6 +10,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod comment_view;
 pub mod rebuild;
 pub mod search;
 mod snippet;

@@ -12,10 +12,12 @@
 //! # }
 //! ```
 
+mod consistency;
 pub mod durable;
 mod runner;
 mod status;
 
+pub use consistency::parse_min_seq;
 pub use runner::{DrainError, Feed, Runner, RunnerOptions, drain_to, follower_config};
 pub use status::{ProjectionState, RebuildProgress, Status, StatusSnapshot};
 

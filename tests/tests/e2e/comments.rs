@@ -458,3 +458,192 @@ async fn a_comment_appended_after_its_post_was_deleted_is_removed_too() -> anyho
     assert_eq!(env.removals(&post_id, &comment_id).await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn comment_view_serves_a_posts_comments_with_read_your_writes_over_two_streams()
+-> anyhow::Result<()> {
+    let nats = start_nats().await?;
+    let url = nats.url();
+    let posts = InProcessService::start_command(&url).await?;
+    let data = tempfile::tempdir()?;
+    // posts-query first: stream COMMENTS does not exist yet, and readiness
+    // does not wait for it.
+    let query = InProcessService::start_query(&url, data.path()).await?;
+    let http = http_client();
+    let q = |path: &str| format!("{}{path}", query.base_url);
+    wait_for(
+        "posts-query ready without COMMENTS",
+        CASCADE_DEADLINE,
+        || async {
+            let r = Reply::of(http.get(q("/readyz"))).await.ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await?;
+    let p = Reply::of(http.get(q("/projections"))).await?.json();
+    let entry = p["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|e| e["name"] == "comment-view"))
+        .cloned()
+        .expect("a comment-view entry");
+    assert!(
+        entry["stream_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("waiting for stream COMMENTS")),
+        "{entry}"
+    );
+
+    let comments = InProcessService::start_comments(&url).await?;
+    let c = |path: &str| format!("{}{path}", comments.base_url);
+    let post_id = Reply::of(
+        http.post(format!("{}/posts", posts.base_url))
+            .json(&json!({"title": "t", "content": "c", "author_name": "ann"})),
+    )
+    .await?
+    .ack(201)
+    .post_id;
+    let mut ids = Vec::new();
+    let mut last_seq = 0;
+    for (i, author) in ["bo", "cy", "di"].iter().enumerate() {
+        let r = Reply::of(
+            http.post(c(&format!("/posts/{post_id}/comments")))
+                .json(&json!({"body": format!("comment {i}"), "author_name": author})),
+        )
+        .await?;
+        assert_eq!(r.status, 201, "{r:?}");
+        ids.push(r.json()["comment_id"].as_str().expect("id").to_string());
+        last_seq = r.json()["seq"].as_u64().expect("seq");
+    }
+    let edited = Reply::of(
+        http.patch(c(&format!("/posts/{post_id}/comments/{}", ids[0])))
+            .json(&json!({"body": "comment 0, edited"})),
+    )
+    .await?;
+    assert_eq!(edited.status, 200);
+    let removed =
+        Reply::of(http.delete(c(&format!("/posts/{post_id}/comments/{}", ids[1])))).await?;
+    assert_eq!(removed.status, 200);
+    let last = removed.json()["seq"].as_u64().expect("seq");
+    assert!(last > last_seq);
+
+    // Read-your-writes on COMMENTS, bare and named.
+    for min_seq in [last.to_string(), format!("COMMENTS:{last}")] {
+        let r = Reply::of(
+            http.get(q(&format!("/posts/{post_id}/comments")))
+                .query(&[("min_seq", min_seq.as_str())]),
+        )
+        .await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        let data = v["data"].as_array().expect("data");
+        let shown: Vec<&str> = data
+            .iter()
+            .map(|d| d["comment_id"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            shown,
+            [ids[0].as_str(), ids[2].as_str()],
+            "oldest first, removed left out: {v}"
+        );
+        assert_eq!(data[0]["body"], "comment 0, edited");
+        assert_eq!(data[0]["version"], 2);
+        assert_eq!(data[0]["post_id"], json!(post_id));
+        let mut keys: Vec<&str> = data[0]
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "author_name",
+                "body",
+                "comment_id",
+                "created_at",
+                "post_id",
+                "updated_at",
+                "version"
+            ]
+        );
+        assert!(v["next_cursor"].is_null(), "{v}");
+    }
+    // Paging by cursor.
+    let first = Reply::of(
+        http.get(q(&format!("/posts/{post_id}/comments")))
+            .query(&[("limit", "1")]),
+    )
+    .await?
+    .json();
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_string();
+    let rest = Reply::of(
+        http.get(q(&format!("/posts/{post_id}/comments")))
+            .query(&[("limit", "1"), ("cursor", cursor.as_str())]),
+    )
+    .await?
+    .json();
+    assert_eq!(first["data"][0]["comment_id"], json!(ids[0]));
+    assert_eq!(rest["data"][0]["comment_id"], json!(ids[2]));
+    // One comment; a removed one is a 404.
+    let one = Reply::of(http.get(q(&format!("/posts/{post_id}/comments/{}", ids[2])))).await?;
+    assert_eq!(one.status, 200, "{one:?}");
+    assert_eq!(one.json()["data"]["author_name"], "di");
+    Reply::of(http.get(q(&format!("/posts/{post_id}/comments/{}", ids[1]))))
+        .await?
+        .assert_problem(404, "not found");
+    // Bad inputs.
+    Reply::of(http.get(q("/posts/not-a-uuid/comments")))
+        .await?
+        .assert_problem(400, "not a UUID");
+    Reply::of(
+        http.get(q(&format!("/posts/{post_id}/comments")))
+            .query(&[("min_seq", "POSTS:1")]),
+    )
+    .await?
+    .assert_problem(400, "does not follow");
+    Reply::of(
+        http.get(q(&format!("/posts/{post_id}/comments")))
+            .query(&[("cursor", "nothex")]),
+    )
+    .await?
+    .assert_problem(400, "cursor");
+    Reply::of(
+        http.get(q(&format!("/posts/{post_id}")))
+            .query(&[("min_seq", "COMMENTS:1")]),
+    )
+    .await?
+    .assert_problem(400, "does not follow");
+    let unknown =
+        Reply::of(http.get(q(&format!("/posts/{}/comments", uuid::Uuid::now_v7())))).await?;
+    assert_eq!(unknown.status, 200);
+    assert_eq!(unknown.json()["data"], json!([]));
+
+    // Deleting the post empties its comments (through the cascade).
+    let deleted = Reply::of(http.delete(format!("{}/posts/{post_id}", posts.base_url))).await?;
+    assert_eq!(deleted.status, 200);
+    wait_for(
+        "the deleted post's comments gone",
+        CASCADE_DEADLINE,
+        || async {
+            let v = Reply::of(http.get(q(&format!("/posts/{post_id}/comments"))))
+                .await
+                .ok()?
+                .json();
+            (v["data"] == json!([])).then_some(())
+        },
+    )
+    .await?;
+    let p = Reply::of(http.get(q("/projections"))).await?.json();
+    let entry = p["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|e| e["name"] == "comment-view"))
+        .cloned()
+        .expect("a comment-view entry");
+    assert!(
+        entry["checkpoints"]["COMMENTS"].as_u64() >= Some(last),
+        "{entry}"
+    );
+    assert!(entry["stream_error"].is_null(), "{entry}");
+    Ok(())
+}
