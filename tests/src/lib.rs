@@ -304,6 +304,25 @@ impl InProcessService {
         }))
     }
 
+    /// `reports-query` on `data_dir` (streams `POSTS` and `COMMENTS` must
+    /// exist): serves on a fresh loopback port.
+    ///
+    /// # Errors
+    /// When the start-up checks fail or no port can be bound.
+    pub async fn start_reports(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = reports_query::Config {
+            nats_url: vec![nats_url.to_string()],
+            listen: addr,
+            data_dir: data_dir.to_path_buf(),
+        };
+        let state = reports_query::start(&config).await?;
+        Ok(Self::spawn(addr, |stop| {
+            reports_query::run(state, listener, stop)
+        }))
+    }
+
     /// `posts-query` on `data_dir`: connects to `nats_url`, opens both
     /// projections and serves on a fresh loopback port.
     ///

@@ -12,3 +12,5 @@ mod hardening;
 mod query;
 #[path = "e2e/replay.rs"]
 mod replay;
+#[path = "e2e/reports.rs"]
+mod reports;

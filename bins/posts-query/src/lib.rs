@@ -175,9 +175,5 @@ async fn serve_gated(
 
 /// The public router: [`api::starting_app`] until `ready` is set, then it.
 fn gate(ready: Arc<OnceLock<axum::Router>>) -> axum::Router {
-    let starting = api::starting_app();
-    axum::Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
-        let target = ready.get().cloned().unwrap_or_else(|| starting.clone());
-        async move { tower::ServiceExt::oneshot(target, req).await }
-    }))
+    servicekit::gated(ready, api::starting_app())
 }

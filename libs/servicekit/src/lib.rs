@@ -387,6 +387,20 @@ pub async fn serve(
     Ok(())
 }
 
+/// One router from the start of a service that needs time to get ready
+/// (waiting for its streams, opening its stores): it answers as `starting`
+/// until `ready` is set, then as that. Two servers one after the other on
+/// the socket would close the first one's connections at the handover.
+pub fn gated(
+    ready: std::sync::Arc<std::sync::OnceLock<axum::Router>>,
+    starting: axum::Router,
+) -> axum::Router {
+    axum::Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
+        let target = ready.get().cloned().unwrap_or_else(|| starting.clone());
+        async move { tower::ServiceExt::oneshot(target, req).await }
+    }))
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
