@@ -12,6 +12,8 @@ nats_url := "nats://127.0.0.1:4222"
 command_listen := "127.0.0.1:3000"
 query_listen := "127.0.0.1:4000"
 comments_listen := "127.0.0.1:3001"
+reports_listen := "127.0.0.1:4001"
+reports_data_dir := "./data/reports"
 query_data_dir := "./data/query"
 release_dir := env("CARGO_TARGET_DIR", "target") / "release"
 
@@ -24,7 +26,7 @@ default:
 ensure-nats:
     @bash scripts/ensure-tool nats-server
 
-# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command, posts-query and comments-command until Ctrl-C.
+# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command, posts-query, comments-command and reports-query until Ctrl-C.
 up:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -34,17 +36,17 @@ up:
     stop_timeout_s=15
 
     nats_bin="$(bash scripts/ensure-tool nats-server)"
-    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay
 
     port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}' '{{ comments_listen }}'; do
+    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}' '{{ comments_listen }}' '{{ reports_listen }}'; do
         if port_open "${address%:*}" "${address##*:}"; then
             echo "up: $address is already in use (another \`just up\`?); stop that first" >&2
             exit 1
         fi
     done
 
-    mkdir -p data/nats data/logs '{{ query_data_dir }}'
+    mkdir -p data/nats data/logs '{{ query_data_dir }}' '{{ reports_data_dir }}'
 
     names=()
     pids=()
@@ -147,12 +149,18 @@ up:
         --nats-url '{{ nats_url }}' --listen '{{ comments_listen }}' --replicas 1
     wait_listening posts-query "${pids[2]}" "${query_listen%:*}" "${query_listen##*:}"
     wait_listening comments-command "${pids[3]}" "${comments_listen%:*}" "${comments_listen##*:}"
+    # reports-query answers 503 until both streams exist, then follows them.
+    start reports '{{ release_dir }}/reports-query' \
+        --nats-url '{{ nats_url }}' --listen '{{ reports_listen }}' --data-dir '{{ reports_data_dir }}'
+    reports_listen='{{ reports_listen }}'
+    wait_listening reports-query "${pids[4]}" "${reports_listen%:*}" "${reports_listen##*:}"
 
     echo
     echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222)"
     echo "up: command   http://{{ command_listen }}"
     echo "up: query     http://{{ query_listen }}"
     echo "up: comments  http://{{ comments_listen }}"
+    echo "up: reports   http://{{ reports_listen }}"
     echo "up: Ctrl-C stops everything"
     echo
 
@@ -222,7 +230,7 @@ bench *args:
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
     # The bench spawns the service binaries: rebuild them, not just the bench.
-    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay
     cargo run --release --bin bench -- "$@"
 
 # Formats the workspace; `just fmt --check` only checks.
