@@ -30,6 +30,8 @@ mod faults;
 mod nats_restart;
 #[path = "chaos/poison.rs"]
 mod poison;
+#[path = "chaos/reports.rs"]
+mod reports;
 #[path = "chaos/support.rs"]
 mod support;
 #[path = "chaos/two_commands.rs"]
@@ -92,6 +94,11 @@ async fn poison_events_are_parked_and_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn comments_command_sigkilled_mid_cascade_with_two_instances() {
     support::run("cascade", cascade::scenario).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_query_sigkilled_while_both_streams_grow() {
+    support::run("reports", reports::scenario).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

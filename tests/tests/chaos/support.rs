@@ -539,6 +539,35 @@ pub async fn spawn_comments(nats_urls: &str, attempts: u32) -> anyhow::Result<Se
     .await
 }
 
+/// Spawns a `reports-query` process on `data_dir`.
+///
+/// # Errors
+/// When it does not start after `attempts` tries.
+pub async fn spawn_reports(
+    nats_urls: &str,
+    data_dir: &Path,
+    attempts: u32,
+) -> anyhow::Result<Service> {
+    let urls = nats_urls.to_string();
+    let dir = data_dir.display().to_string();
+    Service::spawn(
+        "reports-query",
+        move |port| {
+            vec![
+                "--nats-url".into(),
+                urls.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data-dir".into(),
+                dir.clone(),
+            ]
+        },
+        &[],
+        attempts.max(PORT_ATTEMPTS_MAX),
+    )
+    .await
+}
+
 /// Spawns a `posts-query` process on `data_dir`.
 ///
 /// # Errors

@@ -3,152 +3,16 @@
 //! streams, equals a copy built from sequence 1 of both (another
 //! interleaving), and reads its own writes across the two streams.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e_tests::{
-    InProcessService, Reply, StreamReader, http_client, msg_header, start_nats, wait_for,
+    Figures, InProcessService, Reply, StreamReader, author_stats_oracle, http_client,
+    listed_authors, msg_header, start_nats, wait_for,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// The figures of one author as the contract defines them, folded from the
-/// streams by this test alone.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Figures {
-    posts: u64,
-    comments_written: u64,
-    comments_received: u64,
-    last_activity_at: Option<String>,
-}
-
-async fn oracle(nats_url: &str) -> anyhow::Result<BTreeMap<String, Figures>> {
-    let mut figures: BTreeMap<String, Figures> = BTreeMap::new();
-    // post id -> (author, live); comment id -> (post, author, live)
-    let mut posts: HashMap<String, (String, bool)> = HashMap::new();
-    let mut comments: HashMap<String, (String, String, bool)> = HashMap::new();
-    let mut activity: HashMap<String, String> = HashMap::new();
-    let mut touch = |author: &str, at: Option<&str>, figures: &mut BTreeMap<String, Figures>| {
-        figures.entry(author.to_string()).or_default();
-        if let Some(at) = at {
-            let e = activity.entry(author.to_string()).or_default();
-            if at > e.as_str() {
-                *e = at.to_string();
-            }
-        }
-    };
-    let header = |m: &async_nats::jetstream::message::StreamMessage, h: &str| {
-        msg_header(m, h).unwrap_or_default().to_string()
-    };
-    for m in StreamReader::connect(nats_url)
-        .await?
-        .all_messages()
-        .await?
-    {
-        let id = m.subject.as_str().trim_start_matches("posts.").to_string();
-        let at = header(&m, "Occurred-At");
-        let event = posts::decode(
-            &header(&m, "Event-Type"),
-            header(&m, "Event-Schema").parse()?,
-            &m.payload,
-        )?;
-        match event {
-            posts::Event::Created { author_name, .. } => {
-                touch(&author_name, Some(&at), &mut figures);
-                posts.insert(id, (author_name, true));
-            }
-            posts::Event::Updated { author_name, .. } => {
-                let p = posts.get_mut(&id).expect("an update follows a create");
-                if let Some(a) = author_name {
-                    p.0 = a;
-                }
-                let a = p.0.clone();
-                touch(&a, Some(&at), &mut figures);
-            }
-            posts::Event::Deleted => {
-                posts.get_mut(&id).expect("a delete follows a create").1 = false;
-            }
-        }
-    }
-    for m in StreamReader::connect_to(nats_url, "COMMENTS")
-        .await?
-        .all_messages()
-        .await?
-    {
-        let id = m.subject.as_str().to_string();
-        let at = header(&m, "Occurred-At");
-        let event = comments::decode(
-            &header(&m, "Event-Type"),
-            header(&m, "Event-Schema").parse()?,
-            &m.payload,
-        )?;
-        match event {
-            comments::Event::Added {
-                post_id,
-                author_name,
-                ..
-            } => {
-                touch(&author_name, Some(&at), &mut figures);
-                comments.insert(id, (post_id, author_name, true));
-            }
-            comments::Event::Edited { .. } => {
-                let a = comments[&id].1.clone();
-                touch(&a, Some(&at), &mut figures);
-            }
-            comments::Event::Removed { .. } => {
-                comments.get_mut(&id).expect("a removal follows an add").2 = false;
-            }
-        }
-    }
-    for (author, live) in posts.values() {
-        if *live {
-            figures.entry(author.clone()).or_default().posts += 1;
-        }
-    }
-    for (post_id, author, live) in comments.values() {
-        if !*live {
-            continue;
-        }
-        figures.entry(author.clone()).or_default().comments_written += 1;
-        if let Some((owner, true)) = posts.get(post_id) {
-            figures.entry(owner.clone()).or_default().comments_received += 1;
-        }
-    }
-    for (author, f) in &mut figures {
-        f.last_activity_at = activity.get(author).cloned();
-    }
-    Ok(figures)
-}
-
-/// Every author a reports-query lists, page by page.
-async fn listed(http: &reqwest::Client, base: &str, min_seq: &str) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut q = vec![("limit", "2".to_string()), ("min_seq", min_seq.to_string())];
-        if let Some(c) = &cursor {
-            q.push(("cursor", c.clone()));
-        }
-        let r = Reply::of(http.get(format!("{base}/reports/authors")).query(&q)).await?;
-        anyhow::ensure!(r.status == 200, "{r:?}");
-        let v = r.json();
-        out.extend(v["data"].as_array().cloned().unwrap_or_default());
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => return Ok(out),
-        }
-    }
-}
-
-fn figures_of(v: &Value) -> Figures {
-    Figures {
-        posts: v["posts"].as_u64().unwrap_or(u64::MAX),
-        comments_written: v["comments_written"].as_u64().unwrap_or(u64::MAX),
-        comments_received: v["comments_received"].as_u64().unwrap_or(u64::MAX),
-        last_activity_at: v["last_activity_at"].as_str().map(str::to_string),
-    }
-}
 
 #[tokio::test]
 async fn author_stats_equals_the_oracle_and_a_rebuild_and_reads_its_writes() -> anyhow::Result<()> {
@@ -228,14 +92,14 @@ async fn author_stats_equals_the_oracle_and_a_rebuild_and_reads_its_writes() -> 
 
     // Read-your-writes over two streams, then the oracle.
     let base = reports.base_url.clone();
-    let shown = listed(&http, &base, &min_seq).await?;
-    let want = oracle(&url).await?;
+    let shown = listed_authors(&http, &base, &min_seq).await?;
+    let want = author_stats_oracle(&url).await?;
     let got: BTreeMap<String, Figures> = shown
         .iter()
         .map(|v| {
             (
                 v["author_name"].as_str().unwrap_or_default().to_string(),
-                figures_of(v),
+                Figures::of(v),
             )
         })
         .collect();
@@ -293,7 +157,7 @@ async fn author_stats_equals_the_oracle_and_a_rebuild_and_reads_its_writes() -> 
     // interleaving, the same figures.
     let fresh_dir = tempfile::tempdir()?;
     let fresh = InProcessService::start_reports(&url, fresh_dir.path()).await?;
-    let rebuilt = listed(&http, &fresh.base_url, &min_seq).await?;
+    let rebuilt = listed_authors(&http, &fresh.base_url, &min_seq).await?;
     assert_eq!(
         rebuilt, shown,
         "a rebuild from sequence 1 differs from the live copy"
