@@ -185,9 +185,10 @@ test:
     cargo build --bins
     cargo test --workspace
 
-# Rebuilds a projection (post-view, post-search or all) from stream sequence 1; extra args go to `replay` (--verify, --json, --nats-url).
+# Rebuilds a projection (post-view, post-search, comment-view, author-stats or all) from stream sequence 1; extra args go to `replay` (--verify, --json, --nats-url, --data-dir).
 replay projection *args:
-    cargo run --release --bin replay -- "$1" --data-dir '{{ query_data_dir }}' "${@:2}"
+    QUERY_DATA_DIR='{{ query_data_dir }}' REPORTS_DATA_DIR='{{ reports_data_dir }}' \
+        cargo run --release --bin replay -- "$@"
 
 # Chaos tests (debug build, which carries the failpoints): `just chaos [--rounds N] [test name filter] [libtest args]`; --rounds sets CHAOS_ROUNDS.
 chaos *args:

@@ -561,7 +561,7 @@ async fn comment_view_entry(state: &AppState) -> Value {
             .and_then(Result::ok),
         None => None,
     };
-    let reader = state.comment_reader().clone();
+    let reader = state.comment_reader();
     let recent = blocking(move || reader.parked_recent().unwrap_or_default())
         .await
         .unwrap_or_default();

@@ -70,7 +70,7 @@ pub(crate) async fn list(
     let limit = limit(&params)?;
     read_your_writes(&state, &params, &headers).await?;
     let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();
-    let reader = state.comment_reader().clone();
+    let reader = state.comment_reader();
     let page = blocking(move || reader.list(&post_id, cursor.as_deref(), limit, PAGE_BYTES_MAX))
         .await?
         .map_err(view_problem)?;
@@ -89,7 +89,7 @@ pub(crate) async fn get_one(
     let post_id = parse_id(&raw_post, "post")?;
     let comment_id = parse_id(&raw_comment, "comment")?;
     read_your_writes(&state, &params, &headers).await?;
-    let reader = state.comment_reader().clone();
+    let reader = state.comment_reader();
     let (p, c) = (post_id.clone(), comment_id.clone());
     let row = blocking(move || reader.get(&p, &c))
         .await?

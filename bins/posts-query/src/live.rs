@@ -23,10 +23,7 @@ use servicekit::{PathParam, Problem};
 
 type Path = std::path::Path;
 
-/// Held with an exclusive lock while a `posts-query` runs on a data dir.
-pub const LOCK_FILE: &str = "posts-query.lock";
-/// Where a running `posts-query` says how to reach it (pid, listen address).
-pub const SERVICE_FILE: &str = "posts-query.json";
+pub use posts_projections::rebuild::{LOCK_FILE, SERVICE_FILE};
 
 /// An exclusive lock on a data dir; released when the process dies, however.
 pub struct DataDirLock {
@@ -77,7 +74,7 @@ impl Drop for DataDirLock {
 /// the view serves what its file holds (nothing, the first time) and does
 /// not hold readiness back; once it exists the view follows it.
 pub(crate) struct CommentSide {
-    pub reader: CommentReader,
+    pub reader: RwLock<CommentReader>,
     pub status: Arc<Status>,
     /// Stream `COMMENTS` and its feed, once the stream exists.
     pub followed: std::sync::OnceLock<(EventStore, Feed)>,
@@ -159,7 +156,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 store,
                 comments: CommentSide {
-                    reader: comments_r,
+                    reader: RwLock::new(comments_r),
                     status: comments_status,
                     followed: std::sync::OnceLock::new(),
                 },
@@ -221,11 +218,29 @@ impl AppState {
     }
 
     /// The comment view's reader.
-    pub(crate) fn comment_reader(&self) -> &CommentReader {
-        &self.inner.comments.reader
+    pub(crate) fn comment_reader(&self) -> CommentReader {
+        self.inner
+            .comments
+            .reader
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The stream and feed projection `name` follows: comment-view's once
+    /// stream `COMMENTS` exists.
+    fn stream_and_feed(&self, name: &str) -> Option<(EventStore, Feed)> {
+        if name == COMMENT_VIEW {
+            self.inner.comments.followed.get().cloned()
+        } else {
+            Some((self.inner.store.clone(), self.inner.feed.clone()))
+        }
     }
 
     pub(crate) fn status(&self, name: &str) -> Option<Arc<Status>> {
+        if name == COMMENT_VIEW {
+            return Some(self.inner.comments.status.clone());
+        }
         self.inner
             .statuses
             .iter()
@@ -283,6 +298,7 @@ async fn reopen_live(state: &AppState, name: &str) -> anyhow::Result<Box<dyn Pro
     match name {
         // The readers hold the live redb file open; a second open would fail.
         POST_VIEW => Ok(Box::new(view::writer_for(&state.view())?)),
+        COMMENT_VIEW => Ok(Box::new(comment_view::writer_for(&state.comment_reader())?)),
         _ => {
             let path = rebuild::live_path(&state.inner.data_dir, name);
             let n = name.to_string();
@@ -442,8 +458,12 @@ async fn swap_to_completion(
     let data_dir = state.inner.data_dir.clone();
     let shadow = take_shadow(&state, &name, &req.shadow)?;
     let status = state.status(&name).ok_or_else(|| internal("no status"))?;
-    let store = state.inner.store.clone();
-    let feed = state.inner.feed.clone();
+    let Some((store, feed)) = state.stream_and_feed(&name) else {
+        return Err(Problem::unavailable(
+            format!("{name} does not follow its stream yet (stream COMMENTS does not exist)"),
+            1,
+        ));
+    };
     let mut runners = state.inner.runners.lock().await;
     let live = match runners.remove(&name) {
         Some(r) => r.stop().await.ok_or_else(|| internal("live runner died"))?,
@@ -497,6 +517,7 @@ async fn swap_to_completion(
     if req.verify {
         let old_reader = match name.as_str() {
             POST_VIEW => Reader::View(state.view()),
+            COMMENT_VIEW => Reader::Comments(state.comment_reader()),
             _ => Reader::Search(state.search()),
         };
         let nr = new_reader.clone();
@@ -524,7 +545,7 @@ async fn swap_to_completion(
         // redb works on its open file handle, which a rename does not
         // disturb: install first, keep the shadow's handles, then close the
         // old store (its readers finish on the unlinked file).
-        POST_VIEW => {
+        POST_VIEW | COMMENT_VIEW => {
             let (s, d) = (shadow.clone(), data_dir.clone());
             match tokio::task::spawn_blocking(move || rebuild::install(&s, &d))
                 .await
@@ -601,6 +622,14 @@ async fn swap_to_completion(
     };
     match reader {
         Reader::View(r) => *state.inner.view.write().map_err(|_| internal("poisoned"))? = r,
+        Reader::Comments(r) => {
+            *state
+                .inner
+                .comments
+                .reader
+                .write()
+                .map_err(|_| internal("poisoned"))? = r
+        }
         Reader::Search(r) => {
             *state
                 .inner

@@ -2,7 +2,9 @@
 //! catches up to the live head, and swaps it in atomically. With a
 //! `posts-query` running on the data dir, the service keeps serving reads from
 //! the old store and swaps on request (see ARCHITECTURE.md, "Replay");
-//! without one, the tool works on the files itself.
+//! without one, the tool works on the files itself. `author-stats` (two
+//! streams, reports-query's data dir) is rebuilt on the files, with its
+//! service stopped.
 //!
 //! Exit codes: 0 success; 1 failure (NATS unreachable, verify mismatch, ...);
 //! 2 usage (unknown projection name, bad flags).
@@ -17,8 +19,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use eventstore::{EventStore, connect_checked};
 use posts_projections::rebuild;
-use posts_projections::{POST_SEARCH, POST_VIEW};
-use projection::{RebuildProgress, Status};
+use posts_projections::{COMMENT_VIEW, POST_SEARCH, POST_VIEW};
+use projection::{Projection, RebuildProgress, RunnerOptions, Status, drain_to};
+use reports::author_stats::{self, AUTHOR_STATS};
 use serde_json::json;
 
 /// glibc malloc took ~30% of a replay's CPU (perf); mimalloc, as in the services.
@@ -39,8 +42,9 @@ const REPLAY_LOCK_FILE: &str = "replay.lock";
     about = "Rebuild a projection from stream sequence 1 with zero read downtime"
 )]
 struct Args {
-    /// Projection to rebuild.
-    #[arg(value_parser = ["post-view", "post-search", "all"])]
+    /// Projection to rebuild; `all` is every projection of posts-query whose
+    /// stream exists, and author-stats when reports-query's data dir holds it.
+    #[arg(value_parser = ["post-view", "post-search", "comment-view", "author-stats", "all"])]
     projection: String,
     /// NATS server URL(s), comma separated.
     #[arg(
@@ -50,9 +54,12 @@ struct Args {
         value_delimiter = ','
     )]
     nats_url: Vec<String>,
-    /// The query service's data dir.
-    #[arg(long, env = "QUERY_DATA_DIR", default_value = "./data/query")]
-    data_dir: PathBuf,
+    /// The data dir of the projection named: posts-query's
+    /// (`QUERY_DATA_DIR`, default ./data/query), or for author-stats
+    /// reports-query's (`REPORTS_DATA_DIR`, default ./data/reports). With
+    /// `all`, posts-query's.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Compare a content digest of the rebuilt store with the live one; fail if they differ.
     #[arg(long)]
     verify: bool,
@@ -132,45 +139,229 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
-    let names: Vec<&str> = match args.projection.as_str() {
-        "all" => vec![POST_VIEW, POST_SEARCH],
-        one => vec![if one == POST_VIEW {
-            POST_VIEW
-        } else {
-            POST_SEARCH
-        }],
+/// Where a service keeps its data: the flag for the one projection named,
+/// else the service's env var, else its default.
+fn data_dir_of(args: &Args, author_stats: bool) -> PathBuf {
+    let (env, default) = if author_stats {
+        ("REPORTS_DATA_DIR", "./data/reports")
+    } else {
+        ("QUERY_DATA_DIR", "./data/query")
     };
+    let named = args.projection != "all" || !author_stats;
+    args.data_dir
+        .clone()
+        .filter(|_| named)
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// Stream `spec`'s store, opened on `client`; `None` when it does not exist.
+async fn open_stream(
+    client: &async_nats::Client,
+    urls: &[String],
+    spec: &eventstore::StreamSpec,
+) -> Option<EventStore> {
+    let js = async_nats::jetstream::new(client.clone());
+    EventStore::open_existing(client.clone(), js, spec)
+        .await
+        .ok()
+        .map(|s| s.with_dial(urls, "replay"))
+}
+
+async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
     // NATS first: if it is unreachable, no file is touched.
     let urls = args.nats_url.join(",");
     let client = connect_checked(&args.nats_url, "replay")
         .await
         .with_context(|| "cannot reach NATS; no file was touched")?;
-    let js = async_nats::jetstream::new(client.clone());
-    let store = EventStore::open_existing(client, js.clone(), &posts::context::stream(1))
+    let posts_store = open_stream(&client, &args.nats_url, &posts::context::stream(1))
         .await
-        .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?
-        .with_dial(&args.nats_url, "replay");
-    // Poison events are parked exactly as the live runner parks them, to
-    // stream DLQ, which the command service provisions: replay never
-    // creates a stream (a missing DLQ only delays the parked copies).
-    let target = store.last_seq().await.context("cannot read stream POSTS")?;
-
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let replay_lock = lock(&args.data_dir.join(REPLAY_LOCK_FILE))
-        .map_err(|_| anyhow::anyhow!("another replay is running on {}", args.data_dir.display()))?;
-    rebuild::remove_stale_shadows(&args.data_dir);
-    let mode = match lock(&args.data_dir.join(posts_query::LOCK_FILE)) {
-        Ok(f) => Mode::Offline(f),
-        Err(_) => Mode::Online(service_address(&args.data_dir)?),
+        .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?;
+    let comments_store = open_stream(&client, &args.nats_url, &comments::context::stream(1)).await;
+    let query_dir = data_dir_of(&args, false);
+    let reports_dir = data_dir_of(&args, true);
+    let names: Vec<&str> = match args.projection.as_str() {
+        "all" => {
+            let mut names = vec![POST_VIEW, POST_SEARCH];
+            if comments_store.is_some() {
+                names.push(COMMENT_VIEW);
+                if reports_dir.join(format!("{AUTHOR_STATS}.redb")).exists() {
+                    names.push(AUTHOR_STATS);
+                }
+            }
+            names
+        }
+        POST_VIEW => vec![POST_VIEW],
+        POST_SEARCH => vec![POST_SEARCH],
+        COMMENT_VIEW => vec![COMMENT_VIEW],
+        _ => vec![AUTHOR_STATS],
+    };
+    let comments_needed = names
+        .iter()
+        .any(|n| *n == COMMENT_VIEW || *n == AUTHOR_STATS);
+    let comments_store = match comments_store {
+        Some(s) => Some(s),
+        None if comments_needed => {
+            bail!("{urls}: no stream COMMENTS (comments-command creates it); no file was touched")
+        }
+        None => None,
     };
     let mut outcomes = Vec::new();
-    for name in names {
-        outcomes.push(replay_one(name, &args, &store, target, &mode).await?);
+    let query_names: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != AUTHOR_STATS)
+        .collect();
+    if !query_names.is_empty() {
+        std::fs::create_dir_all(&query_dir)
+            .with_context(|| format!("cannot create {}", query_dir.display()))?;
+        let replay_lock = lock(&query_dir.join(REPLAY_LOCK_FILE))
+            .map_err(|_| anyhow::anyhow!("another replay is running on {}", query_dir.display()))?;
+        rebuild::remove_stale_shadows(&query_dir);
+        let mode = match lock(&query_dir.join(rebuild::LOCK_FILE)) {
+            Ok(f) => Mode::Offline(f),
+            Err(_) => Mode::Online(service_address(&query_dir)?),
+        };
+        for name in query_names {
+            // Poison events are parked exactly as the live runner parks
+            // them, to stream DLQ, which the command services provision:
+            // replay never creates a stream.
+            let store = if posts_projections::stream_of(name) == comments::context::STREAM {
+                comments_store.as_ref().context("stream COMMENTS")?
+            } else {
+                &posts_store
+            };
+            let target = store
+                .last_seq()
+                .await
+                .with_context(|| format!("cannot read stream {}", store.stream_name()))?;
+            outcomes.push(replay_one(name, &args, &query_dir, store, target, &mode).await?);
+        }
+        drop(replay_lock);
     }
-    drop(replay_lock);
+    if names.contains(&AUTHOR_STATS) {
+        let comments_store = comments_store.as_ref().context("stream COMMENTS")?;
+        outcomes.push(
+            replay_author_stats(&reports_dir, args.verify, [&posts_store, comments_store]).await?,
+        );
+    }
     Ok(outcomes)
+}
+
+/// The shadows of author-stats: `<dir>/.rebuild/author-stats-<id>/`.
+const AUTHOR_STATS_SHADOW_PREFIX: &str = "author-stats-";
+/// reports-query's lock on its data dir.
+const REPORTS_LOCK_FILE: &str = "reports-query.lock";
+
+/// Rebuilds author-stats from sequence 1 of both its streams into a shadow
+/// file, brings the live file up to the same two checkpoints, compares
+/// digests with `--verify`, and renames the shadow over the live file.
+/// Offline only: reports-query must be stopped.
+async fn replay_author_stats(
+    dir: &Path,
+    verify: bool,
+    stores: [&EventStore; 2],
+) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _replay_lock = lock(&dir.join(REPLAY_LOCK_FILE))
+        .map_err(|_| anyhow::anyhow!("another replay is running on {}", dir.display()))?;
+    let _service_lock = lock(&dir.join(REPORTS_LOCK_FILE)).map_err(|_| {
+        anyhow::anyhow!(
+            "a reports-query is running on {}: stop it first (author-stats is rebuilt on the files; reports-query has no admin listener for an online swap yet); no file was touched",
+            dir.display()
+        )
+    })?;
+    let root = dir.join(rebuild::REBUILD_DIR);
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(AUTHOR_STATS_SHADOW_PREFIX))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let shadow_dir = root.join(format!(
+        "{AUTHOR_STATS_SHADOW_PREFIX}{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&shadow_dir)?;
+    let file = format!("{AUTHOR_STATS}.redb");
+    let (shadow_path, live_path) = (shadow_dir.join(&file), dir.join(&file));
+    let mut targets = [0u64; 2];
+    for (t, store) in targets.iter_mut().zip(stores) {
+        *t = store
+            .last_seq()
+            .await
+            .with_context(|| format!("cannot read stream {}", store.stream_name()))?;
+    }
+    eprintln!(
+        "{AUTHOR_STATS}: rebuilding from sequence 1 up to POSTS:{},COMMENTS:{}",
+        targets[0], targets[1]
+    );
+    let started = Instant::now();
+    let (slots, shadow_reader) = author_stats::open(&shadow_path)?;
+    let mut built = Vec::new();
+    for ((slot, store), target) in slots.into_iter().zip(stores).zip(targets) {
+        built.push(drain_one(Box::new(slot), store, target).await?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let events: u64 = built.iter().map(|p| p.checkpoint()).sum();
+    let mut outcome = Outcome {
+        name: AUTHOR_STATS.to_string(),
+        events,
+        seconds,
+        events_per_sec: if seconds > 0.0 {
+            events as f64 / seconds
+        } else {
+            0.0
+        },
+        checkpoint: events,
+        live_digest: None,
+        rebuilt_digest: None,
+        verified: None,
+    };
+    if verify {
+        let (live_slots, live_reader) = author_stats::open(&live_path)?;
+        let mut aligned = Vec::new();
+        for ((slot, store), target) in live_slots.into_iter().zip(stores).zip(targets) {
+            aligned.push(drain_one(Box::new(slot), store, target).await?);
+        }
+        let (ld, rd) = (live_reader.digest()?, shadow_reader.digest()?);
+        outcome.verified = Some(ld == rd);
+        outcome.live_digest = Some(ld.clone());
+        outcome.rebuilt_digest = Some(rd.clone());
+        drop((aligned, live_reader));
+        if ld != rd {
+            let _ = std::fs::remove_dir_all(&shadow_dir);
+            bail!(
+                "{AUTHOR_STATS}: digest mismatch at POSTS:{},COMMENTS:{}: live {ld}, rebuilt {rd}; live store kept",
+                targets[0],
+                targets[1]
+            );
+        }
+    }
+    drop((built, shadow_reader));
+    std::fs::rename(&shadow_path, &live_path)
+        .with_context(|| format!("cannot install the rebuilt {AUTHOR_STATS}"))?;
+    let _ = std::fs::remove_dir_all(&shadow_dir);
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(outcome)
+}
+
+/// Runs `p` on `store` up to `target`.
+async fn drain_one(
+    p: Box<dyn Projection>,
+    store: &EventStore,
+    target: u64,
+) -> anyhow::Result<Box<dyn Projection>> {
+    let status = Status::new(p.name(), p.visible(), p.parked_total());
+    drain_to(p, store.clone(), status, RunnerOptions::replay(), target)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 fn lock(path: &Path) -> anyhow::Result<File> {
@@ -185,7 +376,7 @@ fn lock(path: &Path) -> anyhow::Result<File> {
 
 /// The admin listener of the `posts-query` that holds `data_dir`.
 fn service_address(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join(posts_query::SERVICE_FILE);
+    let path = data_dir.join(rebuild::SERVICE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "a posts-query holds {} but {} is unreadable",
@@ -241,6 +432,7 @@ async fn shadow_for(
 async fn replay_one(
     name: &str,
     args: &Args,
+    data_dir: &Path,
     store: &EventStore,
     target: u64,
     mode: &Mode,
@@ -265,7 +457,7 @@ async fn replay_one(
     ));
     let started = Instant::now();
     let built = async {
-        let shadow = shadow_for(name, &args.data_dir, mode, &http).await?;
+        let shadow = shadow_for(name, data_dir, mode, &http).await?;
         let (p, reader) = rebuild::build_shadow(&shadow, store, target, status.clone()).await?;
         // Every event is in; the bar would sit at 100% through the merge.
         compacting.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -302,7 +494,7 @@ async fn replay_one(
     };
     match mode {
         Mode::Offline(_) => {
-            let live_path = rebuild::live_path(&args.data_dir, name);
+            let live_path = rebuild::live_path(data_dir, name);
             let (live, live_reader) = rebuild::open(name, &live_path, false)?;
             let (live, shadow) = rebuild::align(live, shadow, store).await?;
             outcome.checkpoint = shadow.checkpoint();
@@ -323,7 +515,7 @@ async fn replay_one(
                 }
             }
             drop((live, live_reader, shadow, shadow_reader));
-            rebuild::install(&shadow_dir, &args.data_dir)
+            rebuild::install(&shadow_dir, data_dir)
                 .with_context(|| format!("cannot install the rebuilt {name}"))?;
         }
         Mode::Online(addr) => {

@@ -1,6 +1,7 @@
-//! The two read models of posts: `post-view` on redb (lookups, listings) and
-//! `post-search` on tantivy (full text). Both implement
-//! [`projection::Projection`]; both are pure functions of the stream: every
+//! The read models of posts-query: `post-view` on redb (lookups, listings),
+//! `post-search` on tantivy (full text), both on stream `POSTS`, and
+//! `comment-view` on redb, on stream `COMMENTS`. Each implements
+//! [`projection::Projection`]; each is a pure function of its stream: every
 //! timestamp comes from the event's `Occurred-At`, never from the clock.
 //!
 //! ```no_run
@@ -23,8 +24,20 @@ use projection::Incoming;
 
 pub const POST_VIEW: &str = "post-view";
 pub const POST_SEARCH: &str = "post-search";
+pub use comment_view::COMMENT_VIEW;
 /// Every projection this crate knows, by name.
-pub const PROJECTIONS: [&str; 2] = [POST_VIEW, POST_SEARCH];
+pub const PROJECTIONS: [&str; 3] = [POST_VIEW, POST_SEARCH, COMMENT_VIEW];
+
+/// The stream projection `name` follows: `COMMENTS` for comment-view,
+/// `POSTS` for the others.
+#[must_use]
+pub fn stream_of(name: &str) -> &'static str {
+    if name == COMMENT_VIEW {
+        comments::context::STREAM
+    } else {
+        posts::context::STREAM
+    }
+}
 /// Parked events whose details are kept (the total is always counted).
 pub const PARKED_RECENT_MAX: usize = 100;
 

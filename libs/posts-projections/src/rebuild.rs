@@ -11,17 +11,25 @@ use std::sync::Arc;
 use eventstore::EventStore;
 use projection::{Projection, RunnerOptions, Status, drain_to};
 
+use crate::comment_view::{self, COMMENT_VIEW, CommentReader};
 use crate::search::{self, SearchReader};
 use crate::view::{self, ViewReader};
 use crate::{POST_SEARCH, POST_VIEW, PROJECTIONS};
 
 pub const REBUILD_DIR: &str = ".rebuild";
+/// Held with an exclusive lock while a `posts-query` runs on a data dir:
+/// `replay` works on the files itself when it can take it.
+pub const LOCK_FILE: &str = "posts-query.lock";
+/// Where a running `posts-query` says how to reach it (pid, listen address,
+/// admin address).
+pub const SERVICE_FILE: &str = "posts-query.json";
 
 /// The read handle of either projection.
 #[derive(Clone)]
 pub enum Reader {
     View(ViewReader),
     Search(SearchReader),
+    Comments(CommentReader),
 }
 
 impl Reader {
@@ -33,6 +41,7 @@ impl Reader {
         Ok(match self {
             Reader::View(r) => r.digest()?,
             Reader::Search(r) => r.digest()?,
+            Reader::Comments(r) => r.digest()?,
         })
     }
 }
@@ -41,8 +50,8 @@ impl Reader {
 #[must_use]
 pub fn live_path(data_dir: &Path, name: &str) -> PathBuf {
     match name {
-        POST_VIEW => data_dir.join(format!("{POST_VIEW}.redb")),
-        _ => data_dir.join(POST_SEARCH),
+        POST_SEARCH => data_dir.join(POST_SEARCH),
+        other => data_dir.join(format!("{other}.redb")),
     }
 }
 
@@ -179,6 +188,10 @@ pub fn open(
             let (p, r) = view::open(path)?;
             Ok((Box::new(p), Reader::View(r)))
         }
+        COMMENT_VIEW => {
+            let (p, r) = comment_view::open(path)?;
+            Ok((Box::new(p), Reader::Comments(r)))
+        }
         POST_SEARCH => {
             let (p, r) = if for_replay {
                 search::open_for_rebuild(path)?
@@ -277,7 +290,7 @@ pub fn install(shadow: &Shadow, data_dir: &Path) -> std::io::Result<()> {
     let shadow_path = shadow.store_path();
     crate::failpoint("swap-before-rename");
     match name {
-        POST_VIEW => std::fs::rename(&shadow_path, &live)?,
+        POST_VIEW | COMMENT_VIEW => std::fs::rename(&shadow_path, &live)?,
         _ => {
             if live.exists() {
                 exchange(&shadow_path, &live)?;

@@ -169,5 +169,35 @@ async fn author_stats_equals_the_oracle_and_a_rebuild_and_reads_its_writes() -> 
         (r.status == 200).then_some(())
     })
     .await?;
+
+    // replay author-stats: refused while reports-query runs on the dir, and
+    // verified against the live file once it is stopped.
+    let args = e2e_tests::replay_args(
+        "author-stats",
+        &url,
+        live_dir.path(),
+        &["--verify", "--json"],
+    );
+    let refused = e2e_tests::run_replay(&args).await?;
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(refused.stderr.contains("stop it first"), "{refused:?}");
+    reports.stop().await?;
+    let run = e2e_tests::run_replay(&args).await?;
+    let outcomes = run.assert_verified(&["author-stats"]);
+    let comments_last = StreamReader::connect_to(&url, "COMMENTS")
+        .await?
+        .last_seq()
+        .await?;
+    assert_eq!(
+        outcomes["author-stats"]["events"].as_u64(),
+        Some(posts_seq + comments_last),
+        "{outcomes:?}"
+    );
+    // The rebuilt file serves the same figures.
+    let again = InProcessService::start_reports(&url, live_dir.path()).await?;
+    assert_eq!(
+        listed_authors(&http, &again.base_url, &min_seq).await?,
+        shown
+    );
     Ok(())
 }
