@@ -43,7 +43,8 @@ const REPLAY_LOCK_FILE: &str = "replay.lock";
 )]
 struct Args {
     /// Projection to rebuild; `all` is every projection of posts-query whose
-    /// stream exists, and author-stats when reports-query's data dir holds it.
+    /// stream exists, and author-stats when reports-query's data dir holds
+    /// it and no reports-query runs on it.
     #[arg(value_parser = ["post-view", "post-search", "comment-view", "author-stats", "all"])]
     projection: String,
     /// NATS server URL(s), comma separated.
@@ -186,7 +187,16 @@ async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
             if comments_store.is_some() {
                 names.push(COMMENT_VIEW);
                 if reports_dir.join(format!("{AUTHOR_STATS}.redb")).exists() {
-                    names.push(AUTHOR_STATS);
+                    // It is rebuilt on the files only: with its service
+                    // running, `all` says so and leaves it alone.
+                    if lock(&reports_dir.join(REPORTS_LOCK_FILE)).is_ok() {
+                        names.push(AUTHOR_STATS);
+                    } else {
+                        eprintln!(
+                            "replay: author-stats skipped: a reports-query is running on {}; stop it, then `replay author-stats`",
+                            reports_dir.display()
+                        );
+                    }
                 }
             }
             names

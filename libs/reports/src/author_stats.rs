@@ -223,9 +223,31 @@ fn put_rec<T: Serialize>(
     Ok(())
 }
 
+/// The tables a batch writes, opened once for the whole batch.
+struct Tables<'t> {
+    posts: redb::Table<'t, &'static str, &'static [u8]>,
+    comments: redb::Table<'t, &'static str, &'static [u8]>,
+    live_comments: redb::Table<'t, &'static str, u64>,
+    authors: Authors<'t>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, ProjectionError> {
+        Ok(Self {
+            posts: txn.open_table(POSTS_T).map_err(pe)?,
+            comments: txn.open_table(COMMENTS_T).map_err(pe)?,
+            live_comments: txn.open_table(LIVE_COMMENTS).map_err(pe)?,
+            authors: Authors {
+                table: txn.open_table(AUTHORS).map_err(pe)?,
+                ranks: txn.open_table(BY_POSTS).map_err(pe)?,
+            },
+        })
+    }
+}
+
 /// Applies one `POSTS` event; `Ok(Err(reason))` parks it.
 fn apply_post(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     incoming: &Incoming,
 ) -> Result<Result<(), String>, ProjectionError> {
     let env = match &incoming.envelope {
@@ -238,17 +260,17 @@ fn apply_post(
     };
     let at = micros(env.occurred_at);
     let post_id = env.aggregate_id.as_str();
-    let mut posts_t = txn.open_table(POSTS_T).map_err(pe)?;
-    let live_comments = txn.open_table(LIVE_COMMENTS).map_err(pe)?;
-    let mut authors = Authors {
-        table: txn.open_table(AUTHORS).map_err(pe)?,
-        ranks: txn.open_table(BY_POSTS).map_err(pe)?,
-    };
+    let Tables {
+        posts: posts_t,
+        live_comments,
+        authors,
+        ..
+    } = t;
     let n = live_comments
         .get(post_id)
         .map_err(pe)?
         .map_or(0, |g| g.value());
-    let current: Option<PostRec> = get_rec(&posts_t, post_id)?;
+    let current: Option<PostRec> = get_rec(posts_t, post_id)?;
     match (current, event) {
         (None, posts::Event::Created { author_name, .. }) => {
             authors.change(&author_name, |r| {
@@ -257,7 +279,7 @@ fn apply_post(
                 active(r, at);
             })?;
             put_rec(
-                &mut posts_t,
+                posts_t,
                 post_id,
                 &PostRec {
                     author: author_name,
@@ -280,7 +302,7 @@ fn apply_post(
                 rec.author = new;
             }
             authors.change(&rec.author, |r| active(r, at))?;
-            put_rec(&mut posts_t, post_id, &rec)?;
+            put_rec(posts_t, post_id, &rec)?;
         }
         (Some(mut rec), posts::Event::Deleted) if rec.live => {
             authors.change(&rec.author, |r| {
@@ -288,7 +310,7 @@ fn apply_post(
                 r.comments_received = r.comments_received.saturating_sub(n);
             })?;
             rec.live = false;
-            put_rec(&mut posts_t, post_id, &rec)?;
+            put_rec(posts_t, post_id, &rec)?;
         }
         (current, event) => {
             let state = match current {
@@ -307,7 +329,7 @@ fn apply_post(
 
 /// Applies one `COMMENTS` event; `Ok(Err(reason))` parks it.
 fn apply_comment(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     incoming: &Incoming,
 ) -> Result<Result<(), String>, ProjectionError> {
     let env = match &incoming.envelope {
@@ -323,14 +345,13 @@ fn apply_comment(
     let Some((subject_post, _)) = comments::context::split_id(id) else {
         return Ok(Err(format!("subject {} names no comment", env.subject)));
     };
-    let mut comments_t = txn.open_table(COMMENTS_T).map_err(pe)?;
-    let posts_t = txn.open_table(POSTS_T).map_err(pe)?;
-    let mut live_comments = txn.open_table(LIVE_COMMENTS).map_err(pe)?;
-    let mut authors = Authors {
-        table: txn.open_table(AUTHORS).map_err(pe)?,
-        ranks: txn.open_table(BY_POSTS).map_err(pe)?,
-    };
-    let current: Option<CommentRec> = get_rec(&comments_t, id)?;
+    let Tables {
+        posts: posts_t,
+        comments: comments_t,
+        live_comments,
+        authors,
+    } = t;
+    let current: Option<CommentRec> = get_rec(comments_t, id)?;
     match (current, event) {
         (
             None,
@@ -345,13 +366,13 @@ fn apply_comment(
                     "CommentAdded for post {post_id} on the subject of post {subject_post}"
                 )));
             }
-            shift(&mut live_comments, &posts_t, &mut authors, &post_id, true)?;
+            shift(live_comments, posts_t, authors, &post_id, true)?;
             authors.change(&author_name, |r| {
                 r.comments_written += 1;
                 active(r, at);
             })?;
             put_rec(
-                &mut comments_t,
+                comments_t,
                 id,
                 &CommentRec {
                     post_id,
@@ -364,18 +385,12 @@ fn apply_comment(
             authors.change(&rec.author, |r| active(r, at))?;
         }
         (Some(mut rec), comments::Event::Removed { .. }) if rec.live => {
-            shift(
-                &mut live_comments,
-                &posts_t,
-                &mut authors,
-                &rec.post_id,
-                false,
-            )?;
+            shift(live_comments, posts_t, authors, &rec.post_id, false)?;
             authors.change(&rec.author, |r| {
                 r.comments_written = r.comments_written.saturating_sub(1);
             })?;
             rec.live = false;
-            put_rec(&mut comments_t, id, &rec)?;
+            put_rec(comments_t, id, &rec)?;
         }
         (current, event) => {
             let state = match current {
@@ -444,6 +459,7 @@ impl Projection for Slot {
             .map_err(|_| ProjectionError::new("author-stats store lock poisoned"))?;
         let txn = store.db.begin_write().map_err(pe)?;
         let mut parked = Vec::new();
+        let mut tables = Tables::open(&txn)?;
         for incoming in batch {
             assert!(
                 incoming.seq > self.checkpoint,
@@ -452,9 +468,9 @@ impl Projection for Slot {
                 self.checkpoint
             );
             let applied = if self.stream == posts::context::STREAM {
-                apply_post(&txn, incoming)?
+                apply_post(&mut tables, incoming)?
             } else {
-                apply_comment(&txn, incoming)?
+                apply_comment(&mut tables, incoming)?
             };
             if let Err(reason) = applied {
                 parked.push(Parked {
@@ -463,6 +479,7 @@ impl Projection for Slot {
                 });
             }
         }
+        drop(tables);
         {
             let mut p = txn.open_table(PARKED).map_err(pe)?;
             for one in &parked {
