@@ -298,7 +298,7 @@ fn binaries() -> serde_json::Value {
 }
 
 fn check_binaries() -> anyhow::Result<()> {
-    for name in ["posts-command", "posts-query"] {
+    for name in ["posts-command", "posts-query", "reports-query", "replay"] {
         let path = testkit::bin_path(name);
         anyhow::ensure!(
             path.exists(),
