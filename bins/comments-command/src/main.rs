@@ -3,26 +3,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
     let config = comments_command::Config::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("comments-command: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(comments_command::serve(
-        config,
-        servicekit::shutdown_signal(),
-    )) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "comments-command failed");
-            eprintln!("comments-command: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    servicekit::main_with("comments-command", servicekit::two_threads(), |shutdown| {
+        comments_command::serve(config, shutdown)
+    })
 }

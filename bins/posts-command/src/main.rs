@@ -25,19 +25,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
     let config = posts_command::Config::parse();
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("posts-command: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(posts_command::serve(config, servicekit::shutdown_signal())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "posts-command failed");
-            eprintln!("posts-command: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    servicekit::main_with("posts-command", runtime(), |shutdown| {
+        posts_command::serve(config, shutdown)
+    })
 }

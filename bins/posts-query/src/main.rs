@@ -5,17 +5,14 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     servicekit::init_tracing();
     servicekit::no_transparent_huge_pages();
     let config = posts_query::Config::parse();
-    match posts_query::serve(config, servicekit::shutdown_signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "posts-query failed");
-            eprintln!("posts-query: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    servicekit::main_with("posts-query", runtime, |shutdown| {
+        posts_query::serve(config, shutdown)
+    })
 }

@@ -5,23 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Event, RemovalReason};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("unknown event type {0:?}")]
-    UnknownType(String),
-    #[error("{event_type} schema {schema} is not supported (newest known is {newest})")]
-    UnknownSchema {
-        event_type: String,
-        schema: u32,
-        newest: u32,
-    },
-    #[error("{event_type} schema {schema} payload is malformed: {reason}")]
-    Malformed {
-        event_type: String,
-        schema: u32,
-        reason: String,
-    },
-}
+pub use eventstore::DecodeError;
 
 #[derive(Serialize, Deserialize)]
 struct AddedV1 {
@@ -73,37 +57,16 @@ pub fn encode(event: &Event) -> (&'static str, u32, Vec<u8>) {
     (event.name(), schema, bytes.unwrap_or_default())
 }
 
-fn parse<'a, T: Deserialize<'a>>(
-    event_type: &str,
-    schema: u32,
-    bytes: &'a [u8],
-) -> Result<T, DecodeError> {
-    let malformed = |reason: String| DecodeError::Malformed {
-        event_type: event_type.to_string(),
-        schema,
-        reason,
-    };
-    match postcard::take_from_bytes::<T>(bytes) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(malformed(format!("{} trailing bytes", rest.len()))),
-        Err(e) => Err(malformed(e.to_string())),
-    }
-}
-
 /// Decodes a payload by type and schema.
 ///
 /// # Errors
 /// [`DecodeError`] for an unknown type, a schema newer than this code knows,
 /// or bytes that do not decode: a poison event.
 pub fn decode(event_type: &str, schema: u32, bytes: &[u8]) -> Result<Event, DecodeError> {
-    let unknown_schema = |newest| DecodeError::UnknownSchema {
-        event_type: event_type.to_string(),
-        schema,
-        newest,
-    };
+    let unknown_schema = |newest| DecodeError::unknown_schema(event_type, schema, newest);
     match (event_type, schema) {
         ("CommentAdded", ADDED_SCHEMA) => {
-            let v: AddedV1 = parse(event_type, schema, bytes)?;
+            let v: AddedV1 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Added {
                 post_id: v.post_id,
                 body: v.body,
@@ -112,12 +75,12 @@ pub fn decode(event_type: &str, schema: u32, bytes: &[u8]) -> Result<Event, Deco
         }
         ("CommentAdded", _) => Err(unknown_schema(ADDED_SCHEMA)),
         ("CommentEdited", EDITED_SCHEMA) => {
-            let v: EditedV1 = parse(event_type, schema, bytes)?;
+            let v: EditedV1 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Edited { body: v.body })
         }
         ("CommentEdited", _) => Err(unknown_schema(EDITED_SCHEMA)),
         ("CommentRemoved", REMOVED_SCHEMA) => {
-            let v: RemovedV1 = parse(event_type, schema, bytes)?;
+            let v: RemovedV1 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Removed { reason: v.reason })
         }
         ("CommentRemoved", _) => Err(unknown_schema(REMOVED_SCHEMA)),

@@ -18,12 +18,14 @@
 //! # Ok(()) }
 //! ```
 
+mod codec;
 mod connect;
 mod envelope;
 mod repository;
 mod store;
 mod stream;
 
+pub use codec::{DecodeError, postcard_payload};
 pub use connect::{ConnectCheckError, connect_checked};
 pub use envelope::{
     EncodedEvent, EnvelopeError, HEADER_ACTOR, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,

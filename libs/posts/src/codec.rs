@@ -5,23 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Event;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("unknown event type {0:?}")]
-    UnknownType(String),
-    #[error("{event_type} schema {schema} is not supported (newest known is {newest})")]
-    UnknownSchema {
-        event_type: String,
-        schema: u32,
-        newest: u32,
-    },
-    #[error("{event_type} schema {schema} payload is malformed: {reason}")]
-    Malformed {
-        event_type: String,
-        schema: u32,
-        reason: String,
-    },
-}
+pub use eventstore::DecodeError;
 
 #[derive(Serialize, Deserialize)]
 struct CreatedV1 {
@@ -81,40 +65,16 @@ pub fn encode(event: &Event) -> (&'static str, u32, Vec<u8>) {
     (event.name(), schema, bytes.unwrap_or_default())
 }
 
-fn parse<'a, T: Deserialize<'a>>(
-    event_type: &str,
-    schema: u32,
-    bytes: &'a [u8],
-) -> Result<T, DecodeError> {
-    match postcard::take_from_bytes::<T>(bytes) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(DecodeError::Malformed {
-            event_type: event_type.to_string(),
-            schema,
-            reason: format!("{} trailing bytes", rest.len()),
-        }),
-        Err(e) => Err(DecodeError::Malformed {
-            event_type: event_type.to_string(),
-            schema,
-            reason: e.to_string(),
-        }),
-    }
-}
-
 /// Decodes a payload by type and schema, upcasting old schemas.
 ///
 /// # Errors
 /// [`DecodeError`] for an unknown type, a schema newer than this code knows,
 /// or bytes that do not decode: a poison event.
 pub fn decode(event_type: &str, schema: u32, bytes: &[u8]) -> Result<Event, DecodeError> {
-    let unknown_schema = |newest| DecodeError::UnknownSchema {
-        event_type: event_type.to_string(),
-        schema,
-        newest,
-    };
+    let unknown_schema = |newest| DecodeError::unknown_schema(event_type, schema, newest);
     match (event_type, schema) {
         ("PostCreated", 1) => {
-            let v: CreatedV1 = parse(event_type, schema, bytes)?;
+            let v: CreatedV1 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Created {
                 title: v.title,
                 content: v.content,
@@ -124,7 +84,7 @@ pub fn decode(event_type: &str, schema: u32, bytes: &[u8]) -> Result<Event, Deco
         ("PostCreated", _) => Err(unknown_schema(CREATED_SCHEMA)),
         // Upcast: schema 1 always carried title and content, never the author.
         ("PostUpdated", 1) => {
-            let v: UpdatedV1 = parse(event_type, schema, bytes)?;
+            let v: UpdatedV1 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Updated {
                 title: Some(v.title),
                 content: Some(v.content),
@@ -132,7 +92,7 @@ pub fn decode(event_type: &str, schema: u32, bytes: &[u8]) -> Result<Event, Deco
             })
         }
         ("PostUpdated", 2) => {
-            let v: UpdatedV2 = parse(event_type, schema, bytes)?;
+            let v: UpdatedV2 = eventstore::postcard_payload(event_type, schema, bytes)?;
             Ok(Event::Updated {
                 title: v.title,
                 content: v.content,

@@ -401,6 +401,47 @@ pub fn gated(
     }))
 }
 
+/// The `main` of a service binary: runs `service` (given the SIGINT/SIGTERM
+/// future) on `runtime` and turns its outcome into the exit code, the
+/// failure logged and printed to stderr with the service's `name`.
+pub fn main_with<F, Fut>(
+    name: &str,
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    service: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(service(Box::pin(shutdown_signal()))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} failed");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A runtime with two worker threads: one per core of the machines this
+/// runs on.
+///
+/// # Errors
+/// When the runtime cannot be built.
+pub fn two_threads() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
