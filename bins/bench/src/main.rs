@@ -46,7 +46,9 @@ const DEADLINE_SECS_PER_KEVENT: u64 = 2;
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
-    about = "Benchmarks the posts platform against raw JetStream ceilings"
+    version,
+    about = "Benchmarks the posts platform against raw JetStream ceilings",
+    after_help = "Examples:\n  bench --quick\n  bench --only read\n  bench --full"
 )]
 struct Args {
     /// 1M-event backlog and longer runs.

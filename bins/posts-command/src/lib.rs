@@ -19,7 +19,12 @@ pub use api::app;
 
 /// Command-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "posts-command", about = "HTTP command service for blog posts")]
+#[command(
+    name = "posts-command",
+    version,
+    about = "HTTP command service for blog posts",
+    after_help = "Examples:\n  posts-command\n  posts-command --nats-url nats://10.0.0.1:4222 --listen 0.0.0.0:3000 --replicas 3"
+)]
 pub struct Config {
     /// NATS server URL(s), comma separated for a cluster.
     #[arg(

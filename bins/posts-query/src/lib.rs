@@ -24,7 +24,9 @@ pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE, admin_app};
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "posts-query",
-    about = "Read models and HTTP reads for blog posts"
+    version,
+    about = "Read models and HTTP reads for blog posts and their comments",
+    after_help = "Examples:\n  posts-query\n  posts-query --data-dir /var/lib/posts-query --listen 0.0.0.0:4000"
 )]
 pub struct Config {
     /// NATS server URL(s), comma separated for a cluster.

@@ -39,7 +39,9 @@ const REPLAY_LOCK_FILE: &str = "replay.lock";
 #[derive(Debug, Parser)]
 #[command(
     name = "replay",
-    about = "Rebuild a projection from stream sequence 1 with zero read downtime"
+    version,
+    about = "Rebuild a projection from stream sequence 1 with zero read downtime",
+    after_help = "Exit codes: 0 success; 1 failure (NATS unreachable, a --verify mismatch, ...); 2 usage.\n\nExamples:\n  replay post-view --verify\n  replay all --json\n  replay author-stats --data-dir ./data/reports"
 )]
 struct Args {
     /// Projection to rebuild; `all` is every projection of posts-query whose
