@@ -6,8 +6,9 @@
 //! streams, reports-query's data dir) is rebuilt on the files, with its
 //! service stopped.
 //!
-//! Exit codes: 0 success; 1 failure (NATS unreachable, verify mismatch, ...);
-//! 2 usage (unknown projection name, bad flags).
+//! Exit codes: 0 success; 1 failure (NATS unreachable, a stream missing,
+//! ...); 2 usage (unknown projection name, bad flags); 3 a `--verify`
+//! mismatch (the live store is kept).
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -28,6 +29,16 @@ use serde_json::json;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The exit code of a `--verify` that found the rebuilt store different
+/// from the live one (the live store is kept): apart from 1, a failure to
+/// run at all, so a script can tell "the view drifted" from "NATS is down".
+const EXIT_VERIFY_MISMATCH: u8 = 3;
+
+/// A `--verify` mismatch: the live store is kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct VerifyMismatch(String);
+
 /// How often progress is drawn or printed, and reported to a running service.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Plain progress lines when not on a terminal: one every few seconds.
@@ -41,7 +52,7 @@ const REPLAY_LOCK_FILE: &str = "replay.lock";
     name = "replay",
     version,
     about = "Rebuild a projection from stream sequence 1 with zero read downtime",
-    after_help = "Exit codes: 0 success; 1 failure (NATS unreachable, a --verify mismatch, ...); 2 usage.\n\nExamples:\n  replay post-view --verify\n  replay all --json\n  replay author-stats --data-dir ./data/reports"
+    after_help = "Exit codes: 0 success; 1 failure (NATS unreachable, a stream missing, ...); 2 usage; 3 a --verify mismatch (the live store is kept).\n\nExamples:\n  replay post-view --verify\n  replay all --json\n  replay author-stats --data-dir ./data/reports"
 )]
 struct Args {
     /// Projection to rebuild; `all` is every projection of posts-query whose
@@ -137,7 +148,11 @@ async fn main() -> std::process::ExitCode {
                 println!("{}", json!({ "ok": false, "error": format!("{e:#}") }));
             }
             eprintln!("replay: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<VerifyMismatch>().is_some() {
+                std::process::ExitCode::from(EXIT_VERIFY_MISMATCH)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
@@ -347,11 +362,11 @@ async fn replay_author_stats(
         drop((aligned, live_reader));
         if ld != rd {
             let _ = std::fs::remove_dir_all(&shadow_dir);
-            bail!(
+            return Err(VerifyMismatch(format!(
                 "{AUTHOR_STATS}: digest mismatch at POSTS:{},COMMENTS:{}: live {ld}, rebuilt {rd}; live store kept",
-                targets[0],
-                targets[1]
-            );
+                targets[0], targets[1]
+            ))
+            .into());
         }
     }
     drop((built, shadow_reader));
@@ -520,10 +535,11 @@ async fn replay_one(
                 outcome.live_digest = Some(ld.clone());
                 outcome.rebuilt_digest = Some(rd.clone());
                 if ld != rd {
-                    bail!(
+                    return Err(VerifyMismatch(format!(
                         "{name}: digest mismatch at checkpoint {}: live {ld}, rebuilt {rd}; live store kept",
                         outcome.checkpoint
-                    );
+                    ))
+                    .into());
                 }
             }
             drop((live, live_reader, shadow, shadow_reader));
@@ -542,6 +558,19 @@ async fn replay_one(
                 .with_context(|| format!("posts-query at {addr} did not take the swap"))?;
             let code = resp.status();
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            if code == reqwest::StatusCode::CONFLICT
+                && body["type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("digest-mismatch"))
+            {
+                return Err(VerifyMismatch(format!(
+                    "{name}: {}",
+                    body["detail"]
+                        .as_str()
+                        .unwrap_or("digest mismatch; live store kept")
+                ))
+                .into());
+            }
             if !code.is_success() {
                 bail!(
                     "{name}: posts-query refused the swap ({code}): {}",

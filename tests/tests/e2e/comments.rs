@@ -647,3 +647,54 @@ async fn comment_view_serves_a_posts_comments_with_read_your_writes_over_two_str
     assert!(entry["stream_error"].is_null(), "{entry}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_verify_mismatch_has_its_own_exit_code_and_keeps_the_live_store() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    let post_id = env.new_post().await?;
+    let comment_id = env.new_comment(&post_id, "bo").await?;
+    // A comment-view whose row says something the stream never did, at
+    // the stream's own checkpoint: a view that drifted.
+    let data = tempfile::tempdir()?;
+    let path = data.path().join("comment-view.redb");
+    let before = {
+        let (mut p, reader) = posts_projections::comment_view::open(&path)?;
+        let (event_type, schema, payload) = comments::encode(&comments::Event::Added {
+            post_id: post_id.clone(),
+            body: "not what was written".into(),
+            author_name: "bo".into(),
+        });
+        let incoming = projection::Incoming {
+            seq: 1,
+            envelope: Ok(eventstore::RecordedEvent {
+                seq: 1,
+                subject: format!("comments.{post_id}.{comment_id}"),
+                aggregate_id: format!("{post_id}.{comment_id}"),
+                event_id: "e1".into(),
+                event_type: event_type.to_string(),
+                schema,
+                occurred_at: time::OffsetDateTime::now_utc(),
+                correlation_id: "c".into(),
+                causation_id: "c".into(),
+                actor: None,
+                payload: bytes::Bytes::from(payload),
+            }),
+        };
+        projection::Projection::apply_batch(&mut p, &[&incoming])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        reader.digest()?
+    };
+    let run = e2e_tests::run_replay(&e2e_tests::replay_args(
+        "comment-view",
+        &env.nats_url,
+        data.path(),
+        &["--verify", "--json"],
+    ))
+    .await?;
+    assert_eq!(run.status.code(), Some(3), "{run:?}");
+    assert!(run.stderr.contains("digest mismatch"), "{run:?}");
+    assert_eq!(run.summary()["ok"], false);
+    let (_p, reader) = posts_projections::comment_view::open(&path)?;
+    assert_eq!(reader.digest()?, before, "the live store was replaced");
+    Ok(())
+}
