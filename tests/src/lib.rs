@@ -345,6 +345,18 @@ impl InProcessService {
         }))
     }
 
+    /// `gateway` with `config` (its `listen` is ignored): serves on a fresh
+    /// loopback port.
+    ///
+    /// # Errors
+    /// A bad configuration, or no port can be bound.
+    pub async fn start_gateway(config: &gateway::Config) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let gw = std::sync::Arc::new(gateway::Gateway::new(config)?);
+        Ok(Self::spawn(addr, |stop| gateway::run(gw, listener, stop)))
+    }
+
     /// Asks for a graceful shutdown and waits for `run` to return (the query
     /// service's runners commit what they applied).
     ///

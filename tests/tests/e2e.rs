@@ -6,6 +6,8 @@
 mod command;
 #[path = "e2e/comments.rs"]
 mod comments;
+#[path = "e2e/gateway.rs"]
+mod gateway;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/query.rs"]
