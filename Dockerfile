@@ -13,7 +13,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
     && mkdir -p /out \
-    && cp target/release/posts-command target/release/posts-query target/release/comments-command target/release/reports-query target/release/replay /out/
+    && cp target/release/posts-command target/release/posts-query target/release/comments-command target/release/reports-query target/release/replay target/release/gateway /out/
 
 # Same Debian release as the build stage, so the glibc matches.
 FROM debian:bookworm-slim

@@ -14,6 +14,12 @@ query_listen := "127.0.0.1:4000"
 comments_listen := "127.0.0.1:3001"
 reports_listen := "127.0.0.1:4001"
 reports_data_dir := "./data/reports"
+gateway_listen := "127.0.0.1:8080"
+# posts-query's admin listener (replay's swap, the gateway's /admin/posts-query/...).
+query_admin_listen := "127.0.0.1:4100"
+# The HS256 secret of local write tokens: for development only; a real
+# deployment sets GATEWAY_JWT_SECRET (or GATEWAY_JWT_PUBLIC_KEY_FILE).
+jwt_secret := env("GATEWAY_JWT_SECRET", "local-development-secret-not-for-production")
 query_data_dir := "./data/query"
 release_dir := env("CARGO_TARGET_DIR", "target") / "release"
 
@@ -26,7 +32,7 @@ default:
 ensure-nats:
     @bash scripts/ensure-tool nats-server
 
-# Runs NATS (nats/local.conf, data in ./data/nats) plus posts-command, posts-query, comments-command and reports-query until Ctrl-C.
+# Runs NATS (nats/local.conf, data in ./data/nats), posts-command, posts-query, comments-command, reports-query and the gateway (http://127.0.0.1:8080) until Ctrl-C; prints a write token.
 up:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -36,10 +42,10 @@ up:
     stop_timeout_s=15
 
     nats_bin="$(bash scripts/ensure-tool nats-server)"
-    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay --bin gateway
 
     port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}' '{{ comments_listen }}' '{{ reports_listen }}'; do
+    for address in 127.0.0.1:4222 '{{ command_listen }}' '{{ query_listen }}' '{{ comments_listen }}' '{{ reports_listen }}' '{{ gateway_listen }}' '{{ query_admin_listen }}'; do
         if port_open "${address%:*}" "${address##*:}"; then
             echo "up: $address is already in use (another \`just up\`?); stop that first" >&2
             exit 1
@@ -139,7 +145,7 @@ up:
         --nats-url '{{ nats_url }}' --listen '{{ command_listen }}' --replicas 1
     start query '{{ release_dir }}/posts-query' \
         --nats-url '{{ nats_url }}' --listen '{{ query_listen }}' \
-        --data-dir '{{ query_data_dir }}' --replicas 1
+        --data-dir '{{ query_data_dir }}' --replicas 1 --admin-listen '{{ query_admin_listen }}'
     command_listen='{{ command_listen }}'
     query_listen='{{ query_listen }}'
     comments_listen='{{ comments_listen }}'
@@ -154,13 +160,24 @@ up:
         --nats-url '{{ nats_url }}' --listen '{{ reports_listen }}' --data-dir '{{ reports_data_dir }}'
     reports_listen='{{ reports_listen }}'
     wait_listening reports-query "${pids[4]}" "${reports_listen%:*}" "${reports_listen##*:}"
+    export GATEWAY_JWT_SECRET='{{ jwt_secret }}'
+    start gateway '{{ release_dir }}/gateway' --listen '{{ gateway_listen }}' \
+        --posts-command-url 'http://{{ command_listen }}' --posts-query-url 'http://{{ query_listen }}' \
+        --comments-command-url 'http://{{ comments_listen }}' --reports-query-url 'http://{{ reports_listen }}' \
+        --posts-query-admin-url 'http://{{ query_admin_listen }}'
+    gateway_listen='{{ gateway_listen }}'
+    wait_listening gateway "${pids[5]}" "${gateway_listen%:*}" "${gateway_listen##*:}"
+    token="$('{{ release_dir }}/gateway' token dev)"
 
     echo
     echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222)"
     echo "up: command   http://{{ command_listen }}"
-    echo "up: query     http://{{ query_listen }}"
+    echo "up: query     http://{{ query_listen }} (admin http://{{ query_admin_listen }})"
     echo "up: comments  http://{{ comments_listen }}"
     echo "up: reports   http://{{ reports_listen }}"
+    echo "up: gateway   http://{{ gateway_listen }}  <- the public entry point"
+    echo "up: a write token for 'dev' (24 h; \`just token NAME\` makes others):"
+    echo "export TOKEN=$token"
     echo "up: Ctrl-C stops everything"
     echo
 
@@ -174,6 +191,10 @@ up:
         done
         sleep 1 || true
     done
+
+# Prints a write token for NAME (its `sub`, the events' Actor), valid 24 h, signed with the local secret (or GATEWAY_JWT_SECRET).
+token name:
+    @GATEWAY_JWT_SECRET='{{ jwt_secret }}' cargo run --release --quiet --bin gateway -- token "$1"
 
 # Runs the whole test suite against a real nats-server (installed if missing).
 test:
@@ -231,7 +252,7 @@ bench *args:
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
     # The bench spawns the service binaries: rebuild them, not just the bench.
-    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay
+    cargo build --release --bin posts-command --bin posts-query --bin comments-command --bin reports-query --bin replay --bin gateway
     cargo run --release --bin bench -- "$@"
 
 # Formats the workspace; `just fmt --check` only checks.

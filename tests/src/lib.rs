@@ -274,6 +274,8 @@ impl InProcessService {
         let addr = listener.local_addr()?;
         let config = posts_command::Config {
             nats_url: vec![nats_url.to_string()],
+            nats_user: None,
+            nats_password: None,
             listen: addr,
             replicas: 1,
             stream_max_bytes,
@@ -294,6 +296,8 @@ impl InProcessService {
         let addr = listener.local_addr()?;
         let config = comments_command::Config {
             nats_url: vec![nats_url.to_string()],
+            nats_user: None,
+            nats_password: None,
             listen: addr,
             replicas: 1,
             stream_max_bytes: eventstore::STREAM_MAX_BYTES_DEFAULT,
@@ -314,6 +318,8 @@ impl InProcessService {
         let addr = listener.local_addr()?;
         let config = reports_query::Config {
             nats_url: vec![nats_url.to_string()],
+            nats_user: None,
+            nats_password: None,
             listen: addr,
             data_dir: data_dir.to_path_buf(),
         };
@@ -330,10 +336,25 @@ impl InProcessService {
     /// When the start-up checks fail or no port can be bound.
     pub async fn start_query(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
         provision_streams(nats_url).await?;
+        Self::start_query_on_existing_streams(nats_url, data_dir).await
+    }
+
+    /// [`InProcessService::start_query`] on streams the command services
+    /// made: what a query service's NATS user must do (it may not create
+    /// one).
+    ///
+    /// # Errors
+    /// When the start-up checks fail or no port can be bound.
+    pub async fn start_query_on_existing_streams(
+        nats_url: &str,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let config = posts_query::Config {
             nats_url: vec![nats_url.to_string()],
+            nats_user: None,
+            nats_password: None,
             listen: addr,
             admin_listen: "127.0.0.1:0".parse()?,
             data_dir: data_dir.to_path_buf(),

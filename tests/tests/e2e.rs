@@ -16,3 +16,5 @@ mod query;
 mod replay;
 #[path = "e2e/reports.rs"]
 mod reports;
+#[path = "e2e/security.rs"]
+mod security;

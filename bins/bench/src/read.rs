@@ -586,8 +586,11 @@ pub fn run(
         "\n== read side, nats-server with the default sync interval ({} events, {} posts)",
         sizes.events, sizes.posts
     );
-    let nats =
-        NatsServer::start_with(&NatsOptions { sync_always: false }).context("start nats-server")?;
+    let nats = NatsServer::start_with(&NatsOptions {
+        sync_always: false,
+        ..Default::default()
+    })
+    .context("start nats-server")?;
     let url = nats.url();
     let nats_pid = nats_pid(&nats);
     let me = Some(std::process::id());

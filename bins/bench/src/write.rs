@@ -101,7 +101,11 @@ pub fn run(
         "default sync interval"
     };
     println!("\n== write side, nats-server with {setting}");
-    let nats = NatsServer::start_with(&NatsOptions { sync_always }).context("start nats-server")?;
+    let nats = NatsServer::start_with(&NatsOptions {
+        sync_always,
+        ..Default::default()
+    })
+    .context("start nats-server")?;
     let nats_pid = nats_pid(&nats);
     let me = Some(std::process::id());
     let js = rt.block_on(async {

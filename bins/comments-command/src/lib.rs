@@ -38,6 +38,13 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub nats_url: Vec<String>,
+    /// NATS user (nats/local.conf names one per service); none for an open
+    /// server.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// That user's NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
     /// Address to serve HTTP on.
     #[arg(
         long,
@@ -52,6 +59,18 @@ pub struct Config {
     /// and nothing is stored (or lost) until it is raised. Set on every start.
     #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = eventstore::STREAM_MAX_BYTES_DEFAULT)]
     pub stream_max_bytes: i64,
+}
+
+impl Config {
+    /// The NATS URLs with this service's credentials in them.
+    #[must_use]
+    pub fn nats_urls(&self) -> Vec<String> {
+        eventstore::with_credentials(
+            &self.nats_url,
+            self.nats_user.as_deref(),
+            self.nats_password.as_deref(),
+        )
+    }
 }
 
 /// Everything a request handler needs, behind one `Arc`.
@@ -89,9 +108,10 @@ impl AppState {
 /// A message naming the URL and the cause.
 pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     let spec = comments::context::stream(config.replicas).with_max_bytes(config.stream_max_bytes);
-    let host = CommandHost::start(&config.nats_url, "comments-command", "comment", &spec).await?;
+    let host =
+        CommandHost::start(&config.nats_urls(), "comments-command", "comment", &spec).await?;
     let posts = EventStore::connect_existing(
-        &config.nats_url,
+        &config.nats_urls(),
         "comments-command-posts",
         &posts::context::stream(config.replicas),
     )

@@ -37,6 +37,13 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub nats_url: Vec<String>,
+    /// NATS user (nats/local.conf names one per service); none for an open
+    /// server.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// That user's NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
     /// Address to serve HTTP on.
     #[arg(long, env = "QUERY_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
@@ -53,6 +60,18 @@ pub struct Config {
     pub replicas: usize,
 }
 
+impl Config {
+    /// The NATS URLs with this service's credentials in them.
+    #[must_use]
+    pub fn nats_urls(&self) -> Vec<String> {
+        eventstore::with_credentials(
+            &self.nats_url,
+            self.nats_user.as_deref(),
+            self.nats_password.as_deref(),
+        )
+    }
+}
+
 /// Connects and checks NATS, waits until stream `POSTS` exists (the command
 /// service creates it; this service never creates, changes or deletes a
 /// stream), locks the data dir, opens both projections and starts following
@@ -62,7 +81,7 @@ pub struct Config {
 /// A message naming the URL or the path and the cause.
 pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppState> {
     let store = EventStore::connect_existing(
-        &config.nats_url,
+        &config.nats_urls(),
         "posts-query",
         &posts::context::stream(config.replicas),
     )
@@ -72,7 +91,7 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let lock = DataDirLock::acquire(&config.data_dir, listen, admin.local_addr()?)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
-    AppState::open(store, lock, admin, &config.data_dir, &config.nats_url)
+    AppState::open(store, lock, admin, &config.data_dir, &config.nats_urls())
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves. Until the

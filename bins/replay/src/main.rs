@@ -68,6 +68,13 @@ struct Args {
         value_delimiter = ','
     )]
     nats_url: Vec<String>,
+    /// NATS user (nats/local.conf names one per service); none for an open
+    /// server.
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// That user's NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
     /// The data dir of the projection named: posts-query's
     /// (`QUERY_DATA_DIR`, default ./data/query), or for author-stats
     /// reports-query's (`REPORTS_DATA_DIR`, default ./data/reports). With
@@ -188,14 +195,19 @@ async fn open_stream(
 
 async fn run(args: Args) -> anyhow::Result<Vec<Outcome>> {
     // NATS first: if it is unreachable, no file is touched.
-    let urls = args.nats_url.join(",");
-    let client = connect_checked(&args.nats_url, "replay")
+    let nats_url = eventstore::with_credentials(
+        &args.nats_url,
+        args.nats_user.as_deref(),
+        args.nats_password.as_deref(),
+    );
+    let urls = eventstore::shown_urls(&nats_url);
+    let client = connect_checked(&nats_url, "replay")
         .await
         .with_context(|| "cannot reach NATS; no file was touched")?;
-    let posts_store = open_stream(&client, &args.nats_url, &posts::context::stream(1))
+    let posts_store = open_stream(&client, &nats_url, &posts::context::stream(1))
         .await
         .with_context(|| format!("{urls}: no stream POSTS; no file was touched"))?;
-    let comments_store = open_stream(&client, &args.nats_url, &comments::context::stream(1)).await;
+    let comments_store = open_stream(&client, &nats_url, &comments::context::stream(1)).await;
     let query_dir = data_dir_of(&args, false);
     let reports_dir = data_dir_of(&args, true);
     let names: Vec<&str> = match args.projection.as_str() {

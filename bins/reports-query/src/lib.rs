@@ -37,12 +37,31 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub nats_url: Vec<String>,
+    /// NATS user (nats/local.conf names one per service); none for an open
+    /// server.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// That user's NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
     /// Address to serve HTTP on.
     #[arg(long, env = "REPORTS_QUERY_LISTEN", default_value = "127.0.0.1:4001")]
     pub listen: SocketAddr,
     /// Where the projection's file lives.
     #[arg(long, env = "REPORTS_DATA_DIR", default_value = "./data/reports")]
     pub data_dir: PathBuf,
+}
+
+impl Config {
+    /// The NATS URLs with this service's credentials in them.
+    #[must_use]
+    pub fn nats_urls(&self) -> Vec<String> {
+        eventstore::with_credentials(
+            &self.nats_url,
+            self.nats_user.as_deref(),
+            self.nats_password.as_deref(),
+        )
+    }
 }
 
 /// One source stream of author-stats as it runs.
@@ -83,13 +102,13 @@ impl AppState {
 /// A message naming the URL or the path and the cause.
 pub async fn start(config: &Config) -> anyhow::Result<AppState> {
     let posts = EventStore::connect_existing(
-        &config.nats_url,
+        &config.nats_urls(),
         "reports-query",
         &posts::context::stream(1),
     )
     .await?;
     let comments = EventStore::connect_existing(
-        &config.nats_url,
+        &config.nats_urls(),
         "reports-query-comments",
         &comments::context::stream(1),
     )

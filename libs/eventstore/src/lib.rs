@@ -26,7 +26,7 @@ mod store;
 mod stream;
 
 pub use codec::{DecodeError, postcard_payload};
-pub use connect::{ConnectCheckError, connect_checked};
+pub use connect::{ConnectCheckError, connect_checked, shown_urls, with_credentials};
 pub use envelope::{
     EncodedEvent, EnvelopeError, HEADER_ACTOR, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
     HEADER_EVENT_SCHEMA, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, Subjects,

@@ -678,12 +678,12 @@ async fn within_start_deadline<T>(
     match tokio::time::timeout(START_DEADLINE, step).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(StartError::Stream {
-            urls: urls.join(","),
+            urls: crate::shown_urls(urls),
             stream: spec.name.clone(),
             source,
         }),
         Err(_) => Err(StartError::NoAnswer {
-            urls: urls.join(","),
+            urls: crate::shown_urls(urls),
             secs: START_DEADLINE.as_secs(),
         }),
     }

@@ -172,11 +172,12 @@ pub fn kill_spawned() {
 
 /// Starts `nats-server -c config`, output appended to `log`, and tracks it
 /// for [`kill_spawned`].
-fn spawn_nats(config: &Path, log: &Path) -> anyhow::Result<Child> {
+fn spawn_nats(config: &Path, log: &Path, env: &[(String, String)]) -> anyhow::Result<Child> {
     let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = Command::new(nats_bin())
         .arg("-c")
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone()?)
         .stderr(log)
         .stdin(Stdio::null())
@@ -230,11 +231,20 @@ pub struct NatsOptions {
     /// `sync_interval: always` (acknowledged means fsynced) when true, the
     /// server default (2 minutes) when false.
     pub sync_always: bool,
+    /// A config file copied next to the server's own and included by it
+    /// (the repository's `nats/users.conf`: users and permissions).
+    pub include: Option<PathBuf>,
+    /// Environment of the server process (the users' passwords).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for NatsOptions {
     fn default() -> Self {
-        Self { sync_always: true }
+        Self {
+            sync_always: true,
+            include: None,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -246,6 +256,7 @@ pub struct NatsServer {
     config_path: PathBuf,
     log_path: PathBuf,
     store_dir: PathBuf,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -276,10 +287,18 @@ impl NatsServer {
                 ""
             };
             let server_name = unique_name("nats");
+            let include = match &options.include {
+                Some(file) => {
+                    fs::copy(file, dir.path().join("included.conf"))
+                        .with_context(|| format!("copy {}", file.display()))?;
+                    "include ./included.conf\n"
+                }
+                None => "",
+            };
             fs::write(
                 &config_path,
                 format!(
-                    "server_name: {server_name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n  {sync}\n}}\n",
+                    "server_name: {server_name}\nlisten: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n  {sync}\n}}\n{include}",
                     store_dir.display()
                 ),
             )?;
@@ -290,6 +309,7 @@ impl NatsServer {
                 config_path,
                 log_path,
                 store_dir,
+                env: options.env.clone(),
                 _dir: dir,
             };
             // A failed start is most likely a port taken in between: try a new one.
@@ -302,7 +322,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        self.child = Some(spawn_nats(&self.config_path, &self.log_path)?);
+        self.child = Some(spawn_nats(&self.config_path, &self.log_path, &self.env)?);
         let port = self.port;
         let name = self.server_name.clone();
         let mut exited = false;
@@ -429,7 +449,7 @@ impl NatsCluster {
 
     fn spawn_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
-        node.child = Some(spawn_nats(&node.config_path, &node.log_path)?);
+        node.child = Some(spawn_nats(&node.config_path, &node.log_path, &[])?);
         let port = node.port;
         let name = node.server_name.clone();
         wait_until(

@@ -293,7 +293,11 @@ async fn idempotency_keys_are_scoped_by_caller_and_backed_by_the_stream() -> Tes
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pages_stop_before_four_mib_and_cursors_carry_on() -> TestResult {
     const BIG_POSTS: usize = 50;
-    let nats = start_nats_with(&testkit::NatsOptions { sync_always: false }).await?;
+    let nats = start_nats_with(&testkit::NatsOptions {
+        sync_always: false,
+        ..Default::default()
+    })
+    .await?;
     let command = InProcessService::start_command(&nats.url()).await?;
     let http = http_client();
     let data = tempfile::Builder::new().prefix("pages").tempdir()?;

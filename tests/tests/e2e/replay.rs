@@ -505,7 +505,11 @@ async fn sigkilled_replay_leaves_the_service_serving_and_a_rerun_succeeds() -> T
     const UPDATES: usize = 4;
     // Durability is not under test here: skip the per-message fsync so the
     // 20k-event stream is written in seconds.
-    let nats = start_nats_with(&testkit::NatsOptions { sync_always: false }).await?;
+    let nats = start_nats_with(&testkit::NatsOptions {
+        sync_always: false,
+        ..Default::default()
+    })
+    .await?;
     let http = http_client();
     let data = tempfile::Builder::new().prefix("replay-killed").tempdir()?;
     let (_query, base) = spawn_query_process(&nats.url(), data.path()).await?;
@@ -601,7 +605,11 @@ async fn sigkilled_replay_leaves_the_service_serving_and_a_rerun_succeeds() -> T
 async fn swap_abandoned_by_its_client_leaves_the_projection_following() -> TestResult {
     const N_POSTS: usize = 2_000;
     const UPDATES: usize = 4;
-    let nats = start_nats_with(&testkit::NatsOptions { sync_always: false }).await?;
+    let nats = start_nats_with(&testkit::NatsOptions {
+        sync_always: false,
+        ..Default::default()
+    })
+    .await?;
     let http = http_client();
     let data = tempfile::Builder::new()
         .prefix("swap-abandoned")
