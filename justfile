@@ -130,9 +130,13 @@ up:
 
     # NATS logs to a file: it is chatty and the services report what matters.
     # nats/local.conf's relative store_dir resolves against this directory.
+    # One NATS user per service (nats/users.conf): the server reads every
+    # password from its environment, each service gets only its own.
+    # shellcheck source=/dev/null
+    . nats/dev-users.env
     echo "up: starting nats-server (log: data/logs/nats-server.log)"
     set -m
-    "$nats_bin" -c nats/local.conf </dev/null >>data/logs/nats-server.log 2>&1 &
+    (set -a; . nats/dev-users.env; exec "$nats_bin" -c nats/local.conf) </dev/null >>data/logs/nats-server.log 2>&1 &
     set +m
     names+=(nats-server)
     pids+=("$!")
@@ -141,9 +145,9 @@ up:
         exit 1
     fi
 
-    start command '{{ release_dir }}/posts-command' \
+    start command env NATS_USER=posts-command NATS_PASSWORD="$NATS_PASSWORD_POSTS_COMMAND" '{{ release_dir }}/posts-command' \
         --nats-url '{{ nats_url }}' --listen '{{ command_listen }}' --replicas 1
-    start query '{{ release_dir }}/posts-query' \
+    start query env NATS_USER=posts-query NATS_PASSWORD="$NATS_PASSWORD_POSTS_QUERY" '{{ release_dir }}/posts-query' \
         --nats-url '{{ nats_url }}' --listen '{{ query_listen }}' \
         --data-dir '{{ query_data_dir }}' --replicas 1 --admin-listen '{{ query_admin_listen }}'
     command_listen='{{ command_listen }}'
@@ -151,12 +155,12 @@ up:
     comments_listen='{{ comments_listen }}'
     wait_listening posts-command "${pids[1]}" "${command_listen%:*}" "${command_listen##*:}"
     # comments-command waits for stream POSTS, which posts-command creates.
-    start comments '{{ release_dir }}/comments-command' \
+    start comments env NATS_USER=comments-command NATS_PASSWORD="$NATS_PASSWORD_COMMENTS_COMMAND" '{{ release_dir }}/comments-command' \
         --nats-url '{{ nats_url }}' --listen '{{ comments_listen }}' --replicas 1
     wait_listening posts-query "${pids[2]}" "${query_listen%:*}" "${query_listen##*:}"
     wait_listening comments-command "${pids[3]}" "${comments_listen%:*}" "${comments_listen##*:}"
     # reports-query answers 503 until both streams exist, then follows them.
-    start reports '{{ release_dir }}/reports-query' \
+    start reports env NATS_USER=reports-query NATS_PASSWORD="$NATS_PASSWORD_REPORTS_QUERY" '{{ release_dir }}/reports-query' \
         --nats-url '{{ nats_url }}' --listen '{{ reports_listen }}' --data-dir '{{ reports_data_dir }}'
     reports_listen='{{ reports_listen }}'
     wait_listening reports-query "${pids[4]}" "${reports_listen%:*}" "${reports_listen##*:}"
@@ -170,7 +174,7 @@ up:
     token="$('{{ release_dir }}/gateway' token dev)"
 
     echo
-    echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222)"
+    echo "up: NATS      {{ nats_url }} (monitoring http://127.0.0.1:8222; one user per service, nats/users.conf)"
     echo "up: command   http://{{ command_listen }}"
     echo "up: query     http://{{ query_listen }} (admin http://{{ query_admin_listen }})"
     echo "up: comments  http://{{ comments_listen }}"
@@ -208,7 +212,8 @@ test:
 
 # Rebuilds a projection (post-view, post-search, comment-view, author-stats or all) from stream sequence 1; extra args go to `replay` (--verify, --json, --nats-url, --data-dir).
 replay projection *args:
-    QUERY_DATA_DIR='{{ query_data_dir }}' REPORTS_DATA_DIR='{{ reports_data_dir }}' \
+    @. nats/dev-users.env; NATS_USER="${NATS_USER:-replay}" NATS_PASSWORD="${NATS_PASSWORD:-$NATS_PASSWORD_REPLAY}" \
+        QUERY_DATA_DIR='{{ query_data_dir }}' REPORTS_DATA_DIR='{{ reports_data_dir }}' \
         cargo run --release --bin replay -- "$@"
 
 # Chaos tests (debug build, which carries the failpoints): `just chaos [--rounds N] [test name filter] [libtest args]`; --rounds sets CHAOS_ROUNDS.

@@ -205,6 +205,30 @@ pub fn spawn_command(nats_url: &str) -> anyhow::Result<(ServiceProcess, String)>
     Ok((process, format!("http://127.0.0.1:{port}")))
 }
 
+/// The HS256 secret of the bench's gateway and its token.
+pub const GATEWAY_SECRET: &str = "bench-gateway-secret-of-at-least-32-bytes";
+
+/// Starts a gateway in front of `posts_command_url` (the other upstreams
+/// point nowhere: only creates go through it) and waits until it listens.
+///
+/// # Errors
+/// When it cannot be started.
+pub fn spawn_gateway(posts_command_url: &str) -> anyhow::Result<(ServiceProcess, String)> {
+    let port = testkit::free_port();
+    let process = ServiceProcess::spawn(
+        "gateway",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--posts-command-url".into(),
+            posts_command_url.to_string(),
+        ],
+        &[("GATEWAY_JWT_SECRET".into(), GATEWAY_SECRET.into())],
+        port,
+    )?;
+    Ok((process, format!("http://127.0.0.1:{port}")))
+}
+
 /// The pid of a testkit nats-server, found by its config path on the command line.
 #[must_use]
 pub fn nats_pid(nats: &NatsServer) -> Option<u32> {

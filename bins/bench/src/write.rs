@@ -14,7 +14,7 @@ use crate::load::{self, OpFuture, Outcome};
 use crate::procfs::CpuWatch;
 use crate::procfs::PhaseCost;
 use crate::report::{Report, Target};
-use crate::{HTTP_REQUEST_TIMEOUT, Sizes, http1, nats_pid, spawn_command};
+use crate::{GATEWAY_SECRET, HTTP_REQUEST_TIMEOUT, Sizes, http1, nats_pid, spawn_command, spawn_gateway};
 
 /// In flight for both throughput runs, raw and HTTP: the same window.
 pub const THROUGHPUT_IN_FLIGHT: usize = 64;
@@ -45,15 +45,17 @@ fn raw_op(
     }
 }
 
-/// `POST /posts` with a pooled body; success is 201.
+/// `POST /posts` with a pooled body; success is 201. `extra` header lines
+/// (a bearer token for the gateway) go into every request.
 fn create_op(
     client: &http1::Client,
     pool: &CreatePool,
+    extra: &str,
 ) -> impl Fn(u64) -> OpFuture + Send + Sync + 'static {
     let requests: Arc<Vec<Bytes>> = Arc::new(
         pool.bodies
             .iter()
-            .map(|body| client.post_json("/posts", body))
+            .map(|body| client.post_json_with("/posts", body, extra))
             .collect(),
     );
     let client = client.clone();
@@ -116,11 +118,22 @@ pub fn run(
     })?;
     let (command, command_url) = spawn_command(&nats.url())?;
     let client = http1::Client::new(&command_url, HTTP_REQUEST_TIMEOUT)?;
+    // The gateway in front of the same posts-command (with fsync only: its
+    // cost is what it adds to the contract's figures).
+    let gateway = if sync_always {
+        let (process, url) = spawn_gateway(&command_url)?;
+        let client = http1::Client::new(&url, HTTP_REQUEST_TIMEOUT)?;
+        let token = gateway::auth::mint(GATEWAY_SECRET, "bench", 3600, None, None)?;
+        Some((process, client, format!("Authorization: Bearer {token}\r\n")))
+    } else {
+        None
+    };
 
     // Raw and HTTP alternate in short slices, so drift on a shared machine
     // (other processes, the disk's fsync latency) hits both alike.
     let mut raw = Totals::new(raw_name);
     let mut http = Totals::new(http_name);
+    let mut through = Totals::new("gateway_create_throughput");
     for _ in 0..sizes.throughput_rounds {
         let watch = CpuWatch::start(&[("bench", me), ("nats-server", nats_pid)]);
         let outcome = rt.block_on(load::timed(
@@ -139,9 +152,24 @@ pub fn run(
             THROUGHPUT_IN_FLIGHT,
             sizes.throughput_warmup,
             sizes.throughput_slice(),
-            create_op(&client, pool),
+            create_op(&client, pool, ""),
         ));
         http.add(outcome, watch.finish(http_name));
+        if let Some((process, gw, auth)) = &gateway {
+            let watch = CpuWatch::start(&[
+                ("bench", me),
+                ("nats-server", nats_pid),
+                ("posts-command", command.pid()),
+                ("gateway", process.pid()),
+            ]);
+            let outcome = rt.block_on(load::timed(
+                THROUGHPUT_IN_FLIGHT,
+                sizes.throughput_warmup,
+                sizes.throughput_slice(),
+                create_op(gw, pool, auth),
+            ));
+            through.add(outcome, watch.finish("gateway_create_throughput"));
+        }
     }
     let target = if sync_always { 0.8 } else { 0.4 };
     for (totals, baseline, target) in [
@@ -160,6 +188,18 @@ pub fn run(
     }
     report.phase(raw.cost);
     report.phase(http.cost);
+    if gateway.is_some() {
+        report.load_costs.push(through.generator_cost());
+        report.add(
+            through.name,
+            Some(through.rate()),
+            "events/s",
+            Some(http_name),
+            Some(Target::RatioAtLeast(0.8)),
+            Some(through.note()),
+        );
+        report.phase(through.cost);
+    }
 
     if sync_always {
         // Raw and HTTP latency alternate in slices too: on `sync_interval:
@@ -173,6 +213,7 @@ pub fn run(
         let mut raw_latency = load::Outcome::default();
         let mut http_latency = load::Outcome::default();
         let mut http_cost = PhaseCost::named("command_create_latency");
+        let mut gateway_latency = load::Outcome::default();
         for _ in 0..rounds {
             raw_latency.absorb(rt.block_on(load::counted(
                 LATENCY_IN_FLIGHT,
@@ -189,9 +230,17 @@ pub fn run(
                 LATENCY_IN_FLIGHT,
                 warmup,
                 samples,
-                create_op(&client, pool),
+                create_op(&client, pool, ""),
             )));
             http_cost.absorb(&watch.finish("command_create_latency"));
+            if let Some((_, gw, auth)) = &gateway {
+                gateway_latency.absorb(rt.block_on(load::counted(
+                    LATENCY_IN_FLIGHT,
+                    warmup,
+                    samples,
+                    create_op(gw, pool, auth),
+                )));
+            }
         }
         report.phase(http_cost);
         let raw_p50 = raw_latency.percentile_ms(0.50);
@@ -235,7 +284,30 @@ pub fn run(
             Some(Target::ValueAtMost(10.0)),
             Some(note),
         );
+        if gateway.is_some() {
+            let note = format!(
+                "{}; through the gateway (bearer token checked, proxied to the same posts-command)",
+                latency_note(&gateway_latency, rounds, "direct")
+            );
+            report.add(
+                "gateway_create_latency_p50",
+                gateway_latency.percentile_ms(0.50),
+                "ms",
+                None,
+                None,
+                Some(note.clone()),
+            );
+            report.add(
+                "gateway_create_latency_p99",
+                gateway_latency.percentile_ms(0.99),
+                "ms",
+                None,
+                None,
+                Some(note),
+            );
+        }
     }
+    drop(gateway);
     drop(command);
     drop(nats);
     Ok(())

@@ -223,6 +223,11 @@ fn answer(resp: reqwest::Response, base: &str) -> Response {
     {
         headers.insert(header::LOCATION, v);
     }
+    // Streamed, but with the upstream's length when it gave one: hyper then
+    // sends Content-Length rather than chunks.
+    if let Some(len) = resp.content_length() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     let body = Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other));
     let mut out = Response::new(body);
     *out.status_mut() = status;

@@ -469,6 +469,7 @@ fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Va
                 "event_id": null,
                 "correlation_id": null,
                 "causation_id": null,
+                "actor": null,
                 "data": null,
                 "error": format!("broken envelope: {reason}"),
             });
@@ -482,6 +483,7 @@ fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Va
         "event_id": e.event_id,
         "correlation_id": e.correlation_id,
         "causation_id": e.causation_id,
+        "actor": e.actor,
     });
     match posts::decode(&e.event_type, e.schema, &e.payload) {
         Ok(ev) => v["data"] = event_json(&ev),
