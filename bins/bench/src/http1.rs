@@ -160,12 +160,8 @@ impl Client {
 
     /// A whole `POST` request with a JSON body, to send with [`Client::send`].
     #[must_use]
-    pub fn post_json(&self, path: &str, body: &[u8]) -> Bytes {
-        self.post_json_with(path, body, "")
-    }
-
-    /// [`Client::post_json`] with `extra` header lines, each ending in CRLF
-    /// (`"Authorization: Bearer ...\r\n"`).
+    /// A `POST` of a JSON `body` to `path`, with `extra` header lines, each
+    /// ending in CRLF (`"Authorization: Bearer ...\r\n"`), or none.
     pub fn post_json_with(&self, path: &str, body: &[u8], extra: &str) -> Bytes {
         let mut request = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
