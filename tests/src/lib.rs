@@ -404,6 +404,99 @@ impl Drop for InProcessService {
     }
 }
 
+/// The repository's `nats/` directory.
+#[must_use]
+pub fn nats_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats")
+}
+
+/// `nats/dev-users.env` as (variable, value) pairs.
+///
+/// # Panics
+/// When the file cannot be read.
+#[must_use]
+pub fn dev_nats_passwords() -> Vec<(String, String)> {
+    let path = nats_dir().join("dev-users.env");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The development password of NATS user `user` (`NATS_PASSWORD_<USER>`).
+///
+/// # Panics
+/// When `nats/dev-users.env` has none.
+#[must_use]
+pub fn dev_nats_password(user: &str) -> String {
+    let var = format!(
+        "NATS_PASSWORD_{}",
+        user.to_ascii_uppercase().replace('-', "_")
+    );
+    dev_nats_passwords()
+        .into_iter()
+        .find(|(k, _)| *k == var)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("{var} is not in nats/dev-users.env"))
+}
+
+/// The environment a service binary runs with to connect as its own NATS
+/// user (`NATS_USER=<bin>`, its development password). An open server
+/// ignores credentials, so every spawned service gets them.
+#[must_use]
+pub fn service_credentials(bin: &str) -> Vec<(String, String)> {
+    vec![
+        ("NATS_USER".to_string(), bin.to_string()),
+        ("NATS_PASSWORD".to_string(), dev_nats_password(bin)),
+    ]
+}
+
+/// Server options with the repository's users and permissions
+/// (`nats/users.conf`), plus one user for the test harness itself, `tester`,
+/// allowed everything and taken for any connection without credentials
+/// (`no_auth_user`): the harness's own clients stay as they are, while every
+/// service runs under its own least-privileged user (a wrong password fails
+/// a chaos run at once: checked by hand).
+///
+/// # Panics
+/// When `nats/users.conf` cannot be read or has changed shape.
+#[must_use]
+pub fn secured_nats_options() -> testkit::NatsOptions {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let users =
+            std::fs::read_to_string(nats_dir().join("users.conf")).expect("read nats/users.conf");
+        let end = users
+            .rfind("\n  ]\n}")
+            .expect("nats/users.conf ends its users list");
+        let text = format!(
+            "{}\n    {{ user: tester, password: tester-only }}\n  ]\n}}\nno_auth_user: tester\n",
+            &users[..end]
+        );
+        let path =
+            std::env::temp_dir().join(format!("posts-test-users-{}.conf", std::process::id()));
+        std::fs::write(&path, text).expect("write the test users config");
+        path
+    });
+    testkit::NatsOptions {
+        include: Some(file.clone()),
+        env: dev_nats_passwords(),
+        ..Default::default()
+    }
+}
+
+/// A single node with [`secured_nats_options`].
+///
+/// # Errors
+/// When it does not start.
+pub async fn start_secured_nats() -> anyhow::Result<NatsServer> {
+    start_nats_with(&secured_nats_options()).await
+}
+
 /// Starts a nats-server off the async worker (its start-up wait blocks).
 ///
 /// testkit takes "something on the port speaks NATS" as "our server is up".
@@ -790,7 +883,7 @@ pub async fn spawn_service_process(
         let port = testkit::free_port();
         let args = command_args(nats_url, port);
         let spawned = tokio::task::spawn_blocking(move || {
-            testkit::ServiceProcess::spawn(bin, &args, &[], port)
+            testkit::ServiceProcess::spawn(bin, &args, &service_credentials(bin), port)
         })
         .await?;
         let process = match spawned {
@@ -1105,7 +1198,12 @@ pub async fn spawn_query_process(
         let port = testkit::free_port();
         let args = query_args(nats_url, port, data_dir);
         let spawned = tokio::task::spawn_blocking(move || {
-            testkit::ServiceProcess::spawn("posts-query", &args, &[], port)
+            testkit::ServiceProcess::spawn(
+                "posts-query",
+                &args,
+                &service_credentials("posts-query"),
+                port,
+            )
         })
         .await?;
         let process = match spawned {
@@ -1211,6 +1309,7 @@ pub async fn run_replay(args: &[String]) -> anyhow::Result<ReplayRun> {
     let path = testkit::bin_path("replay");
     let child = tokio::process::Command::new(&path)
         .args(args)
+        .envs(service_credentials("replay"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -14,7 +14,9 @@ use crate::load::{self, OpFuture, Outcome};
 use crate::procfs::CpuWatch;
 use crate::procfs::PhaseCost;
 use crate::report::{Report, Target};
-use crate::{GATEWAY_SECRET, HTTP_REQUEST_TIMEOUT, Sizes, http1, nats_pid, spawn_command, spawn_gateway};
+use crate::{
+    GATEWAY_SECRET, HTTP_REQUEST_TIMEOUT, Sizes, http1, nats_pid, spawn_command, spawn_gateway,
+};
 
 /// In flight for both throughput runs, raw and HTTP: the same window.
 pub const THROUGHPUT_IN_FLIGHT: usize = 64;
@@ -124,7 +126,11 @@ pub fn run(
         let (process, url) = spawn_gateway(&command_url)?;
         let client = http1::Client::new(&url, HTTP_REQUEST_TIMEOUT)?;
         let token = gateway::auth::mint(GATEWAY_SECRET, "bench", 3600, None, None)?;
-        Some((process, client, format!("Authorization: Bearer {token}\r\n")))
+        Some((
+            process,
+            client,
+            format!("Authorization: Bearer {token}\r\n"),
+        ))
     } else {
         None
     };

@@ -394,6 +394,7 @@ impl Drop for NatsServer {
 /// Three nats-server processes forming a JetStream cluster on loopback.
 pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -413,7 +414,24 @@ impl NatsCluster {
     /// # Errors
     /// When a node does not come up in time.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&NatsOptions::default())
+    }
+
+    /// [`NatsCluster::start`] with `options`' included config and
+    /// environment (`sync_interval: always` whatever `options` say).
+    ///
+    /// # Errors
+    /// When a node does not come up in time.
+    pub fn start_with(options: &NatsOptions) -> anyhow::Result<Self> {
         let dir = temp_dir("nats-cluster")?;
+        let include = match &options.include {
+            Some(file) => {
+                fs::copy(file, dir.path().join("included.conf"))
+                    .with_context(|| format!("copy {}", file.display()))?;
+                "include ./included.conf\n"
+            }
+            None => "",
+        };
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
@@ -427,7 +445,7 @@ impl NatsCluster {
             fs::write(
                 &config_path,
                 format!(
-                    "server_name: {tag}-n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: {tag}\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    "server_name: {tag}-n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: {tag}\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n{include}",
                     store.display(),
                     routes.join(", ")
                 ),
@@ -440,7 +458,11 @@ impl NatsCluster {
                 log_path: fresh_log_path(&format!("{tag}-n{i}")),
             });
         }
-        let mut cluster = Self { nodes, _dir: dir };
+        let mut cluster = Self {
+            nodes,
+            env: options.env.clone(),
+            _dir: dir,
+        };
         for i in 0..3 {
             cluster.spawn_node(i)?;
         }
@@ -449,7 +471,7 @@ impl NatsCluster {
 
     fn spawn_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
-        node.child = Some(spawn_nats(&node.config_path, &node.log_path, &[])?);
+        node.child = Some(spawn_nats(&node.config_path, &node.log_path, &self.env)?);
         let port = node.port;
         let name = node.server_name.clone();
         wait_until(

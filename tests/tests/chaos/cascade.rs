@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use e2e_tests::{Reply, StreamReader, http_client_with_timeout, msg_header, start_nats, wait_for};
+use e2e_tests::{
+    Reply, StreamReader, http_client_with_timeout, msg_header, start_secured_nats, wait_for,
+};
 use serde_json::json;
 
 use crate::support::{COMMAND_TIMEOUT, Ctx, Service, Summary, spawn_command, spawn_comments};
@@ -31,7 +33,7 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let posts = spawn_command(&url, 1, 1).await?;
     let mut instances = vec![

@@ -62,7 +62,9 @@ fn node_index(name: &str) -> Option<usize> {
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let mut cluster = tokio::task::spawn_blocking(NatsCluster::start).await??;
+    let mut cluster =
+        tokio::task::spawn_blocking(|| NatsCluster::start_with(&e2e_tests::secured_nats_options()))
+            .await??;
     let urls = cluster.urls();
     let joined = urls.join(",");
     let js = cluster_jetstream(&urls).await?;

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_secured_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
@@ -56,7 +56,7 @@ const BACKLOG_DEADLINE_PER_COMMAND: Duration = Duration::from_millis(10);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let data = ctx.scratch("query")?;
     let command = spawn_command(&url, 1, 1).await?;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_secured_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
@@ -88,7 +88,7 @@ pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
         "failpoints exist only in debug builds (run without --release)"
     );
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let data = ctx.scratch("query")?;
     let command = spawn_command(&url, 1, 1).await?;

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
-use e2e_tests::{CONDITION_DEADLINE, StreamReader, publish_event, start_nats};
+use e2e_tests::{CONDITION_DEADLINE, StreamReader, publish_event, start_secured_nats};
 use posts::Event;
 
 use crate::support::{
@@ -21,7 +21,7 @@ const EVENTS_WHILE_FAILING: u64 = 120;
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut summary = Summary::default();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let js = StreamReader::connect(&url).await?.js;
     eventstore::provision(&js, &posts::context::stream(1)).await?;

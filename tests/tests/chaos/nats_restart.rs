@@ -6,7 +6,9 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use e2e_tests::{StreamReader, http_client_with_timeout, restart_nats, start_nats, wait_for};
+use e2e_tests::{
+    StreamReader, http_client_with_timeout, restart_nats, start_secured_nats, wait_for,
+};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{
@@ -29,7 +31,7 @@ const OUTAGE_MS: (u64, u64) = (200, 1_200);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let mut nats = start_nats().await?;
+    let mut nats = start_secured_nats().await?;
     let url = nats.url();
     let data = ctx.scratch("query")?;
     let command = spawn_command(&url, 1, 1).await?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use async_nats::HeaderMap;
 use e2e_tests::{
-    Reply, StreamReader, http_client_with_timeout, msg_header, start_nats, subject_for,
+    Reply, StreamReader, http_client_with_timeout, msg_header, start_secured_nats, subject_for,
 };
 use serde_json::json;
 
@@ -120,7 +120,7 @@ async fn run_commands(
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let data = ctx.scratch("query")?;
     let command = spawn_command(&url, 1, 1).await?;

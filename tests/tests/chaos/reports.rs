@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use e2e_tests::{
     Figures, Reply, StreamReader, author_stats_oracle, http_client_with_timeout, listed_authors,
-    start_nats, wait_for,
+    start_secured_nats, wait_for,
 };
 use serde_json::json;
 
@@ -30,7 +30,7 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let posts = spawn_command(&url, 1, 1).await?;
     let comments = spawn_comments(&url, 1).await?;

@@ -368,7 +368,9 @@ impl Service {
         let mut last = None;
         for _ in 0..attempts.max(1) {
             let port = testkit::free_port();
-            let (a, e) = (args(port), envs.to_vec());
+            let mut e = envs.to_vec();
+            e.extend(e2e_tests::service_credentials(bin));
+            let a = args(port);
             let spawned =
                 tokio::task::spawn_blocking(move || ServiceProcess::spawn(bin, &a, &e, port))
                     .await
@@ -634,7 +636,8 @@ pub fn spawn_doomed_query(
     failpoint: &str,
 ) -> anyhow::Result<ServiceProcess> {
     let args = query_args(nats_urls, data_dir, 1, testkit::free_port());
-    let envs = [(FAILPOINT_ENV.to_string(), failpoint.to_string())];
+    let mut envs = vec![(FAILPOINT_ENV.to_string(), failpoint.to_string())];
+    envs.extend(e2e_tests::service_credentials("posts-query"));
     ServiceProcess::spawn("posts-query", &args, &envs, 0)
 }
 
@@ -874,6 +877,7 @@ pub async fn run_replay(
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn")
+        .envs(e2e_tests::service_credentials("replay"))
         .env_remove(FAILPOINT_ENV)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::ensure;
-use e2e_tests::{StreamReader, http_client_with_timeout, start_nats, wait_for};
+use e2e_tests::{StreamReader, http_client_with_timeout, start_secured_nats, wait_for};
 
 use crate::checks::{Mirror, verify};
 use crate::support::{COMMAND_TIMEOUT, Ctx, Summary, spawn_command};
@@ -26,7 +26,7 @@ const PACE_MS: (u64, u64) = (15, 60);
 
 pub async fn scenario(ctx: Ctx) -> anyhow::Result<()> {
     let mut rng = ctx.rng();
-    let nats = start_nats().await?;
+    let nats = start_secured_nats().await?;
     let url = nats.url();
     let a = spawn_command(&url, 1, 1).await?;
     let b = spawn_command(&url, 1, 1).await?;
