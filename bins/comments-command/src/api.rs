@@ -49,26 +49,45 @@ async fn projections(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "data": [state.cascade().snapshot().await] })).into_response()
 }
 
-#[derive(Deserialize)]
+/// The comments commands, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(add, edit, remove))]
+pub struct ApiDoc;
+
+/// A new comment.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddBody {
+    /// 1..=10 000 bytes, trimmed.
+    #[schema(min_length = 1, max_length = 10000, example = "Great read.")]
     body: String,
+    /// 1..=100 characters, trimmed; no control or format characters.
+    #[schema(min_length = 1, max_length = 100, example = "bo")]
     author_name: String,
 }
 
-#[derive(Deserialize)]
+/// A comment's new text.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EditBody {
+    #[schema(min_length = 1, max_length = 10000)]
     body: String,
 }
 
-#[derive(Serialize)]
-struct Ack {
+/// A comment command's outcome.
+#[derive(Serialize, utoipa::ToSchema)]
+struct CommentAck {
+    #[schema(format = Uuid)]
     comment_id: String,
+    #[schema(format = Uuid)]
     post_id: String,
+    /// The comment's event count.
     version: u64,
+    /// The sequence in stream COMMENTS: `min_seq=COMMENTS:<seq>` on reads.
     seq: u64,
 }
+
+use CommentAck as Ack;
 
 fn rejection_problem(rejection: &Rejection, post_id: &str, comment_id: &str) -> Problem {
     match rejection {
@@ -141,6 +160,27 @@ async fn post_status(state: &AppState, post_id: &str) -> Result<PostStatus, Prob
     }
 }
 
+/// Adds a comment to a live post (checked against stream POSTS):
+/// appends `CommentAdded` to stream COMMENTS.
+#[utoipa::path(
+    post,
+    operation_id = "addComment",
+    path = "/posts/{id}/comments",
+    tag = "comments",
+    request_body(content = AddBody, content_type = "application/json"),
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("Idempotency-Key" = Option<String>, Header, description = "The same key and body again answer the same comment and append nothing."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id."),
+    ),
+    responses(
+        (status = 201, description = "Added", body = CommentAck, headers(
+            ("Location" = String, description = "/posts/{id}/comments/{comment_id}"),
+            ("ETag" = String, description = "\"1\""),
+        )),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn add(
     State(state): State<AppState>,
     raw: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -195,6 +235,24 @@ async fn add(
     Ok(resp)
 }
 
+/// Edits a comment's text: appends `CommentEdited`.
+#[utoipa::path(
+    patch,
+    operation_id = "editComment",
+    path = "/posts/{id}/comments/{comment_id}",
+    tag = "comments",
+    request_body(content = EditBody, content_type = "application/json"),
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("comment_id" = String, Path, format = Uuid, description = "The comment's id."),
+        ("If-Match" = Option<String>, Header, description = "\"<version>\": 412 when the comment is at another version."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id."),
+    ),
+    responses(
+        (status = 200, description = "Edited", body = CommentAck, headers(("ETag" = String, description = "\"<version>\""))),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn edit(
     State(state): State<AppState>,
     raw: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
@@ -213,6 +271,23 @@ async fn edit(
     .await
 }
 
+/// Removes a comment: appends `CommentRemoved {reason: "author"}`.
+#[utoipa::path(
+    delete,
+    operation_id = "removeComment",
+    path = "/posts/{id}/comments/{comment_id}",
+    tag = "comments",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("comment_id" = String, Path, format = Uuid, description = "The comment's id."),
+        ("If-Match" = Option<String>, Header, description = "\"<version>\": 412 when the comment is at another version."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id."),
+    ),
+    responses(
+        (status = 200, description = "Removed", body = CommentAck, headers(("ETag" = String, description = "\"<version>\""))),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn remove(
     State(state): State<AppState>,
     raw: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,

@@ -21,6 +21,12 @@ use servicekit::command::CommandHost;
 
 pub use api::app;
 
+/// This service's routes as an OpenAPI document (the gateway merges them).
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <api::ApiDoc as utoipa::OpenApi>::openapi()
+}
+
 /// Command-service configuration: flags with env fallbacks.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(

@@ -8,6 +8,7 @@
 //! tests run it in-process; [`app`] is the router.
 
 pub mod auth;
+pub mod openapi;
 pub mod proxy;
 
 use std::future::Future;
@@ -133,7 +134,7 @@ pub enum Command {
 
 /// Which service a route goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
+pub enum Target {
     PostsCommand,
     PostsQuery,
     CommentsCommand,
@@ -251,16 +252,6 @@ fn path_and_query(req: &Request) -> String {
     )
 }
 
-/// A read: open to anyone, passed as it came.
-fn read(target: Target) -> MethodRouter<Arc<Gateway>> {
-    get(
-        move |State(gw): State<Arc<Gateway>>, req: Request| async move {
-            let pq = path_and_query(&req);
-            gw.pass(gw.upstream(target), pq, None, req).await
-        },
-    )
-}
-
 /// A write: needs a valid bearer token; nothing reaches the upstream
 /// without one.
 async fn write(gw: Arc<Gateway>, target: Target, req: Request) -> Response {
@@ -272,15 +263,18 @@ async fn write(gw: Arc<Gateway>, target: Target, req: Request) -> Response {
     gw.pass(gw.upstream(target), pq, Some(sub), req).await
 }
 
-macro_rules! write_route {
-    ($method:ident, $target:expr) => {
-        axum::routing::$method(|State(gw): State<Arc<Gateway>>, req: Request| async move {
-            write(gw, $target, req).await
-        })
-    };
-}
-
 /// `GET /projections/{service}`: that service's `/projections`.
+#[utoipa::path(
+    get,
+    operation_id = "getProjections",
+    path = "/projections/{service}",
+    tag = "operations",
+    params(("service" = String, Path, description = "posts-query, comments-command or reports-query")),
+    responses(
+        (status = 200, description = "One entry per projection: name, checkpoint(s), lag, state, parked events", body = Object),
+        (status = 404, description = "No such service", body = servicekit::ProblemDocument, content_type = "application/problem+json"),
+    ),
+)]
 async fn projections(
     State(gw): State<Arc<Gateway>>,
     Path(service): Path<String>,
@@ -350,6 +344,16 @@ async fn admin(
 }
 
 /// 200 when every upstream's `/readyz` is, else 503; one entry each.
+#[utoipa::path(
+    get,
+    operation_id = "gatewayReadyz",
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every upstream is ready", body = Object),
+        (status = 503, description = "An upstream is not: its entry says why", body = Object),
+    ),
+)]
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let mut checks = Vec::new();
     for upstream in [
@@ -399,38 +403,106 @@ async fn sanitize_request_id(mut req: Request) -> Request {
     req
 }
 
+/// Whether a route needs a bearer token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Open,
+    Token,
+}
+
+/// One public route the gateway forwards: method, path (the same template
+/// in the router and in the OpenAPI document), owner, and access.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    target: Target,
+    pub access: Access,
+}
+
+const fn route(method: &'static str, path: &'static str, target: Target) -> Route {
+    let access = if matches!(method.as_bytes(), b"GET") {
+        Access::Open
+    } else {
+        Access::Token
+    };
+    Route {
+        method,
+        path,
+        target,
+        access,
+    }
+}
+
+/// Every route forwarded to a service as it is. `app` is built from this
+/// table, and a test checks it against the OpenAPI document.
+pub const ROUTES: &[Route] = {
+    use Target::{CommentsCommand, PostsCommand, PostsQuery, ReportsQuery};
+    &[
+        route("GET", "/posts", PostsQuery),
+        route("POST", "/posts", PostsCommand),
+        route("GET", "/posts/search", PostsQuery),
+        route("GET", "/posts/{id}", PostsQuery),
+        route("PATCH", "/posts/{id}", PostsCommand),
+        route("DELETE", "/posts/{id}", PostsCommand),
+        route("GET", "/posts/{id}/events", PostsQuery),
+        route("GET", "/posts/{id}/comments", PostsQuery),
+        route("POST", "/posts/{id}/comments", CommentsCommand),
+        route("GET", "/posts/{id}/comments/{comment_id}", PostsQuery),
+        route(
+            "PATCH",
+            "/posts/{id}/comments/{comment_id}",
+            CommentsCommand,
+        ),
+        route(
+            "DELETE",
+            "/posts/{id}/comments/{comment_id}",
+            CommentsCommand,
+        ),
+        route("GET", "/reports/authors", ReportsQuery),
+        route("GET", "/reports/authors/{author_name}", ReportsQuery),
+    ]
+};
+
+fn forwarding(r: Route) -> MethodRouter<Arc<Gateway>> {
+    let handler = move |State(gw): State<Arc<Gateway>>, req: Request| async move {
+        match r.access {
+            Access::Open => {
+                let pq = path_and_query(&req);
+                gw.pass(gw.upstream(r.target), pq, None, req).await
+            }
+            Access::Token => write(gw, r.target, req).await,
+        }
+    };
+    let filter = match r.method {
+        "GET" => axum::routing::MethodFilter::GET,
+        "POST" => axum::routing::MethodFilter::POST,
+        "PATCH" => axum::routing::MethodFilter::PATCH,
+        _ => axum::routing::MethodFilter::DELETE,
+    };
+    axum::routing::on(filter, handler)
+}
+
 /// The public router.
 pub fn app(gw: Arc<Gateway>) -> Router {
-    use Target::{CommentsCommand, PostsCommand, PostsQuery, ReportsQuery};
-    Router::new()
-        .route(
-            "/posts",
-            read(PostsQuery).merge(write_route!(post, PostsCommand)),
-        )
-        .route("/posts/search", read(PostsQuery))
-        .route(
-            "/posts/{id}",
-            read(PostsQuery)
-                .merge(write_route!(patch, PostsCommand))
-                .merge(write_route!(delete, PostsCommand)),
-        )
-        .route("/posts/{id}/events", read(PostsQuery))
-        .route(
-            "/posts/{id}/comments",
-            read(PostsQuery).merge(write_route!(post, CommentsCommand)),
-        )
-        .route(
-            "/posts/{id}/comments/{comment_id}",
-            read(PostsQuery)
-                .merge(write_route!(patch, CommentsCommand))
-                .merge(write_route!(delete, CommentsCommand)),
-        )
-        .route("/reports/authors", read(ReportsQuery))
-        .route("/reports/authors/{author_name}", read(ReportsQuery))
+    let mut by_path: Vec<(&str, MethodRouter<Arc<Gateway>>)> = Vec::new();
+    for r in ROUTES {
+        match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, m)) => *m = std::mem::take(m).merge(forwarding(*r)),
+            None => by_path.push((r.path, forwarding(*r))),
+        }
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods);
+    }
+    router
         .route("/projections/{service}", get(projections))
         .route("/admin/{service}/{*rest}", any(admin))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
         .layer(axum::middleware::map_response(
@@ -440,6 +512,34 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(axum::middleware::map_request(sanitize_request_id))
         .with_state(gw)
+}
+
+/// The gateway's own liveness: 200 `ok` while it runs.
+#[utoipa::path(get, operation_id = "gatewayLivez", path = "/livez", tag = "operations", responses((status = 200, description = "Alive", body = String)))]
+async fn livez() -> &'static str {
+    "ok"
+}
+
+/// `GET /openapi.json`: this document.
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi::document().to_json().unwrap_or_default());
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        doc.as_str(),
+    )
+        .into_response()
+}
+
+/// `GET /docs`: interactive docs of the document (Scalar, loaded from its CDN).
+async fn docs() -> Response {
+    static HTML: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let html = HTML.get_or_init(|| {
+        utoipa_scalar::Scalar::new(openapi::document())
+            .title("posts platform API")
+            .to_html()
+    });
+    axum::response::Html(html.as_str()).into_response()
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves.

@@ -36,26 +36,52 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-#[derive(Deserialize)]
+/// The posts commands, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create, update, delete))]
+pub struct ApiDoc;
+
+/// A new post.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
+    /// 1..=200 characters, trimmed; no control or format characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        example = "Event sourcing on JetStream"
+    )]
     title: String,
+    /// 1..=100 000 bytes, trimmed.
+    #[schema(min_length = 1, max_length = 100000)]
     content: String,
+    /// 1..=100 characters, trimmed; no control or format characters.
+    #[schema(min_length = 1, max_length = 100, example = "ada")]
     author_name: String,
 }
 
-#[derive(Deserialize)]
+/// Any non-empty subset of a post's fields, with the same bounds.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
+    #[schema(min_length = 1, max_length = 200)]
     title: Option<String>,
+    #[schema(min_length = 1, max_length = 100000)]
     content: Option<String>,
+    #[schema(min_length = 1, max_length = 100)]
     author_name: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A command's outcome.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Ack {
+    /// A UUIDv7.
+    #[schema(format = Uuid)]
     post_id: String,
+    /// The post's event count: 1 after the create.
     version: u64,
+    /// The stream sequence of the last event appended: hand it to reads as
+    /// `min_seq` to read this write.
     seq: u64,
 }
 
@@ -89,6 +115,25 @@ fn rejection_problem(rejection: &Rejection, post_id: &str) -> Problem {
     }
 }
 
+/// Creates a post: appends `PostCreated` to stream POSTS.
+#[utoipa::path(
+    post,
+    operation_id = "createPost",
+    path = "/posts",
+    tag = "posts",
+    request_body(content = CreateBody, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The same key and body again (within 24 h) answer the same post and append nothing."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id (1..=128 visible ASCII)."),
+    ),
+    responses(
+        (status = 201, description = "Created", body = Ack, headers(
+            ("Location" = String, description = "/posts/{post_id}"),
+            ("ETag" = String, description = "\"1\""),
+        )),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -134,6 +179,23 @@ async fn create(
     Ok(resp)
 }
 
+/// Updates any non-empty subset of a post's fields: appends `PostUpdated`.
+#[utoipa::path(
+    patch,
+    operation_id = "updatePost",
+    path = "/posts/{id}",
+    tag = "posts",
+    request_body(content = PatchBody, content_type = "application/json"),
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("If-Match" = Option<String>, Header, description = "\"<version>\": 412 when the post is at another version."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id."),
+    ),
+    responses(
+        (status = 200, description = "Updated", body = Ack, headers(("ETag" = String, description = "\"<version>\""))),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn update(
     State(state): State<AppState>,
     PathParam(raw_id): PathParam,
@@ -153,6 +215,22 @@ async fn update(
     run_command(&state, &post_id, &headers, &command, "update").await
 }
 
+/// Soft-deletes a post: appends `PostDeleted`; its history stays.
+#[utoipa::path(
+    delete,
+    operation_id = "deletePost",
+    path = "/posts/{id}",
+    tag = "posts",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("If-Match" = Option<String>, Header, description = "\"<version>\": 412 when the post is at another version."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Lands in the event's Correlation-Id."),
+    ),
+    responses(
+        (status = 200, description = "Deleted", body = Ack, headers(("ETag" = String, description = "\"<version>\""))),
+        servicekit::openapi::CommandProblems,
+    ),
+)]
 async fn delete(
     State(state): State<AppState>,
     PathParam(raw_id): PathParam,

@@ -165,16 +165,73 @@ pub(crate) async fn wait_visible(status: &projection::Status, min_seq: u64) -> R
     }
 }
 
-#[derive(Serialize)]
+/// The posts reads, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    search,
+    get_post,
+    history,
+    crate::comments_api::list,
+    crate::comments_api::get_one
+))]
+pub struct ApiDoc;
+
+/// A post as post-view holds it.
+#[derive(Serialize, utoipa::ToSchema)]
 struct PostDto {
+    #[schema(format = Uuid)]
     post_id: String,
     title: String,
     content: String,
     author_name: String,
+    /// RFC 3339, UTC, microseconds.
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
+    /// The post's event count.
     version: u64,
+    /// Shown only with `include_deleted=true`.
     deleted: bool,
+}
+
+/// One post.
+#[derive(Serialize, utoipa::ToSchema)]
+struct PostOne {
+    data: PostDto,
+}
+
+/// One message of a post's history. A message that cannot be decoded is
+/// shown in its place with `data: null` and an `error`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct HistoryEntry {
+    /// Its sequence in stream POSTS.
+    seq: u64,
+    /// `PostCreated`, `PostUpdated` or `PostDeleted`.
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    schema: Option<u32>,
+    #[schema(format = DateTime)]
+    occurred_at: Option<String>,
+    event_id: Option<String>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    /// The token's `sub` of the write, through the gateway.
+    actor: Option<String>,
+    /// The event's fields.
+    #[schema(value_type = Option<Object>)]
+    data: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// A page of a post's history.
+#[derive(Serialize, utoipa::ToSchema)]
+struct HistoryPage {
+    data: Vec<HistoryEntry>,
+    /// Pass it as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
 }
 
 fn dto(id: String, r: Row) -> PostDto {
@@ -208,6 +265,23 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Problem::internal(&e))
 }
 
+/// One post; 404 when unknown or deleted.
+#[utoipa::path(
+    get,
+    operation_id = "getPost",
+    path = "/posts/{id}",
+    tag = "posts",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("include_deleted" = Option<bool>, Query, description = "Show a deleted post, with deleted: true."),
+        ("min_seq" = Option<String>, Query, description = "Wait until this read's projection has applied this sequence of stream POSTS (or answer 503 with Retry-After)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "The post", body = PostOne),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn get_post(
     State(state): State<AppState>,
     PathParam(raw_id): PathParam,
@@ -224,7 +298,7 @@ async fn get_post(
         .map_err(view_problem)?;
     match row {
         Some(r) if !r.deleted || include_deleted => {
-            Ok(Json(json!({ "data": dto(id, r) })).into_response())
+            Ok(Json(PostOne { data: dto(id, r) }).into_response())
         }
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -234,6 +308,24 @@ async fn get_post(
     }
 }
 
+/// Live posts, newest first, optionally by one author.
+#[utoipa::path(
+    get,
+    operation_id = "listPosts",
+    path = "/posts",
+    tag = "posts",
+    params(
+        ("author_name" = Option<String>, Query, description = "Only this author's posts."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 20; a page also stops before 4 MiB."),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
+        ("min_seq" = Option<String>, Query, description = "Wait until this read's projection has applied this sequence of stream POSTS (or answer 503 with Retry-After)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "A page of posts", body = ListPage),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     Query(params): Params,
@@ -284,6 +376,26 @@ fn decode_offset(cursor: &str) -> Result<usize, Problem> {
         })
 }
 
+/// Full-text search over titles (boosted) and contents: BM25, phrases in
+/// quotes, typo tolerance, highlighted snippets; deleted posts never match.
+#[utoipa::path(
+    get,
+    operation_id = "searchPosts",
+    path = "/posts/search",
+    tag = "posts",
+    params(
+        ("q" = String, Query, description = "The words to search for; \"a phrase\" in quotes."),
+        ("author_name" = Option<String>, Query, description = "Only this author's posts."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 20."),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
+        ("min_seq" = Option<String>, Query, description = "Wait until this read's projection has applied this sequence of stream POSTS (or answer 503 with Retry-After)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "A page of hits", body = SearchPage),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn search(
     State(state): State<AppState>,
     Query(params): Params,
@@ -335,17 +447,19 @@ async fn search(
 /// A page of search hits, serialised straight from them: a `json!` tree
 /// copied every hit's strings into maps first, most of the JSON work in a
 /// search's CPU profile.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct SearchPage {
     data: Vec<Hit>,
+    /// Every live post that matches, exactly.
     total: usize,
     next_cursor: Option<String>,
 }
 
 /// A page of a listing, serialised straight from its rows.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ListPage {
     data: Vec<PostDto>,
+    /// Pass it as `cursor` for the next page; `null` on the last.
     next_cursor: Option<String>,
 }
 
@@ -379,6 +493,24 @@ fn event_json(event: &Event) -> Value {
     }
 }
 
+/// A post's events, from the stream itself, oldest first.
+#[utoipa::path(
+    get,
+    operation_id = "getPostHistory",
+    path = "/posts/{id}/events",
+    tag = "posts",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100."),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
+        ("min_seq" = Option<String>, Query, description = "Wait until this read's projection has applied this sequence of stream POSTS (or answer 503 with Retry-After)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "A page of the post's history", body = HistoryPage),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn history(
     State(state): State<AppState>,
     PathParam(raw_id): PathParam,
@@ -433,7 +565,7 @@ async fn history(
             format!("post {id} not found"),
         ));
     }
-    let mut data: Vec<Value> = Vec::with_capacity(page.entries.len());
+    let mut data: Vec<HistoryEntry> = Vec::with_capacity(page.entries.len());
     let mut body_bytes = 0usize;
     let mut more = page.more;
     for entry in &page.entries {
@@ -448,51 +580,49 @@ async fn history(
         data.push(v);
     }
     let next_cursor = more
-        .then(|| data.last().and_then(|v| v["seq"].as_u64()))
+        .then(|| data.last().map(|v| v.seq))
         .flatten()
         .map(|seq| format!("s{seq}"));
-    Ok(Json(json!({ "data": data, "next_cursor": next_cursor })).into_response())
+    Ok(Json(HistoryPage { data, next_cursor }).into_response())
 }
 
 /// One message of a post's history as JSON. A message something other than
 /// a command service put on the post's subject is shown in its place, like
 /// an undecodable payload.
-fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Value {
+fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> HistoryEntry {
     let e = match entry {
         Ok(e) => e,
         Err((seq, reason)) => {
-            return json!({
-                "seq": seq,
-                "type": null,
-                "schema": null,
-                "occurred_at": null,
-                "event_id": null,
-                "correlation_id": null,
-                "causation_id": null,
-                "actor": null,
-                "data": null,
-                "error": format!("broken envelope: {reason}"),
-            });
+            return HistoryEntry {
+                seq: *seq,
+                event_type: None,
+                schema: None,
+                occurred_at: None,
+                event_id: None,
+                correlation_id: None,
+                causation_id: None,
+                actor: None,
+                data: None,
+                error: Some(format!("broken envelope: {reason}")),
+            };
         }
     };
-    let mut v = json!({
-        "seq": e.seq,
-        "type": e.event_type,
-        "schema": e.schema,
-        "occurred_at": eventstore::format_rfc3339(e.occurred_at),
-        "event_id": e.event_id,
-        "correlation_id": e.correlation_id,
-        "causation_id": e.causation_id,
-        "actor": e.actor,
-    });
-    match posts::decode(&e.event_type, e.schema, &e.payload) {
-        Ok(ev) => v["data"] = event_json(&ev),
-        Err(err) => {
-            v["data"] = Value::Null;
-            v["error"] = json!(err.to_string());
-        }
+    let (data, error) = match posts::decode(&e.event_type, e.schema, &e.payload) {
+        Ok(ev) => (Some(event_json(&ev)), None),
+        Err(err) => (None, Some(err.to_string())),
+    };
+    HistoryEntry {
+        seq: e.seq,
+        event_type: Some(e.event_type.clone()),
+        schema: Some(e.schema),
+        occurred_at: Some(eventstore::format_rfc3339(e.occurred_at)),
+        event_id: Some(e.event_id.clone()),
+        correlation_id: Some(e.correlation_id.clone()),
+        causation_id: Some(e.causation_id.clone()),
+        actor: e.actor.clone(),
+        data,
+        error,
     }
-    v
 }
 
 /// The stream's last sequence, from its leader; `None` if it does not answer

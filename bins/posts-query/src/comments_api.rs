@@ -7,22 +7,53 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use posts_projections::comment_view::{CommentRow, CommentViewError};
-use serde_json::{Value, json};
+use serde::Serialize;
 use servicekit::{Problem, parse_id};
 
 use crate::AppState;
 use crate::api::{PAGE_BYTES_MAX, blocking, limit, min_seq_of, wait_visible};
 
-fn dto(comment_id: &str, row: &CommentRow) -> Value {
-    json!({
-        "comment_id": comment_id,
-        "post_id": row.post_id,
-        "body": row.body,
-        "author_name": row.author_name,
-        "created_at": posts_projections::format_micros(row.created_at_us),
-        "updated_at": posts_projections::format_micros(row.updated_at_us),
-        "version": row.version,
-    })
+/// A comment as comment-view holds it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CommentDto {
+    #[schema(format = Uuid)]
+    comment_id: String,
+    #[schema(format = Uuid)]
+    post_id: String,
+    body: String,
+    author_name: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// The comment's event count.
+    version: u64,
+}
+
+/// One comment.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CommentOne {
+    data: CommentDto,
+}
+
+/// A page of a post's comments.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CommentPage {
+    data: Vec<CommentDto>,
+    /// Pass it as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+fn dto(comment_id: &str, row: &CommentRow) -> CommentDto {
+    CommentDto {
+        comment_id: comment_id.to_string(),
+        post_id: row.post_id.clone(),
+        body: row.body.clone(),
+        author_name: row.author_name.clone(),
+        created_at: posts_projections::format_micros(row.created_at_us),
+        updated_at: posts_projections::format_micros(row.updated_at_us),
+        version: row.version,
+    }
 }
 
 fn view_problem(e: CommentViewError) -> Problem {
@@ -59,6 +90,23 @@ async fn read_your_writes(
 
 /// `GET /posts/{id}/comments`: live comments, oldest first; an unknown or
 /// deleted post has none.
+#[utoipa::path(
+    get,
+    operation_id = "listComments",
+    path = "/posts/{id}/comments",
+    tag = "comments",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 20."),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
+        ("min_seq" = Option<String>, Query, description = "Wait until comment-view has applied this sequence of stream COMMENTS: COMMENTS:n (or a bare n)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "A page of comments", body = CommentPage),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     raw: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -74,11 +122,31 @@ pub(crate) async fn list(
     let page = blocking(move || reader.list(&post_id, cursor.as_deref(), limit, PAGE_BYTES_MAX))
         .await?
         .map_err(view_problem)?;
-    let data: Vec<Value> = page.rows.iter().map(|(id, row)| dto(id, row)).collect();
-    Ok(Json(json!({ "data": data, "next_cursor": page.next_cursor })).into_response())
+    let data: Vec<CommentDto> = page.rows.iter().map(|(id, row)| dto(id, row)).collect();
+    Ok(Json(CommentPage {
+        data,
+        next_cursor: page.next_cursor,
+    })
+    .into_response())
 }
 
 /// `GET /posts/{id}/comments/{comment_id}`: 404 when unknown or removed.
+#[utoipa::path(
+    get,
+    operation_id = "getComment",
+    path = "/posts/{id}/comments/{comment_id}",
+    tag = "comments",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The post's id."),
+        ("comment_id" = String, Path, format = Uuid, description = "The comment's id."),
+        ("min_seq" = Option<String>, Query, description = "Wait until comment-view has applied this sequence of stream COMMENTS: COMMENTS:n (or a bare n)."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "The comment", body = CommentOne),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     raw: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
@@ -95,9 +163,10 @@ pub(crate) async fn get_one(
         .await?
         .map_err(view_problem)?;
     match row {
-        Some(row) if !row.removed => {
-            Ok(Json(json!({ "data": dto(&comment_id, &row) })).into_response())
-        }
+        Some(row) if !row.removed => Ok(Json(CommentOne {
+            data: dto(&comment_id, &row),
+        })
+        .into_response()),
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",

@@ -18,6 +18,13 @@ use anyhow::Context;
 use eventstore::EventStore;
 
 pub use api::app;
+
+/// This service's public routes as an OpenAPI document (the gateway merges
+/// them).
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <api::ApiDoc as utoipa::OpenApi>::openapi()
+}
 pub use live::{AppState, DataDirLock, LOCK_FILE, SERVICE_FILE, admin_app};
 
 /// Query-service configuration: flags with env fallbacks.

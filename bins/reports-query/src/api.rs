@@ -60,14 +60,48 @@ fn stats_problem(e: StatsError) -> Problem {
     }
 }
 
-fn dto(author: &str, row: &AuthorRow) -> Value {
-    json!({
-        "author_name": author,
-        "posts": row.posts,
-        "comments_written": row.comments_written,
-        "comments_received": row.comments_received,
-        "last_activity_at": row.last_activity_us.map(eventstore_time),
-    })
+/// The reports reads, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, one))]
+pub struct ApiDoc;
+
+/// One author's figures over both streams.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct AuthorStats {
+    author_name: String,
+    /// Live posts the author has now.
+    posts: u64,
+    /// Live comments the author wrote.
+    comments_written: u64,
+    /// Live comments on the author's live posts.
+    comments_received: u64,
+    /// The latest `Occurred-At` of the author's own creates and edits.
+    #[schema(format = DateTime)]
+    last_activity_at: Option<String>,
+}
+
+/// One author.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct AuthorOne {
+    data: AuthorStats,
+}
+
+/// A page of authors, by name.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct AuthorPage {
+    data: Vec<AuthorStats>,
+    /// Pass it as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+fn dto(author: &str, row: &AuthorRow) -> AuthorStats {
+    AuthorStats {
+        author_name: author.to_string(),
+        posts: row.posts,
+        comments_written: row.comments_written,
+        comments_received: row.comments_received,
+        last_activity_at: row.last_activity_us.map(eventstore_time),
+    }
 }
 
 /// RFC 3339 text of a microsecond timestamp.
@@ -131,6 +165,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Problem::internal(&e))
 }
 
+/// One author's figures; 404 for a name never seen.
+#[utoipa::path(
+    get,
+    operation_id = "getAuthorStats",
+    path = "/reports/authors/{author_name}",
+    tag = "reports",
+    params(
+        ("author_name" = String, Path, description = "The author's name, percent-encoded."),
+        ("min_seq" = Option<String>, Query, description = "Wait until author-stats has applied these sequences: POSTS:n, COMMENTS:m or both, comma separated."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "The author's figures", body = AuthorOne),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn one(
     State(state): State<AppState>,
     raw: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -156,7 +206,10 @@ async fn one(
         .await?
         .map_err(stats_problem)?;
     match row {
-        Some(row) => Ok(Json(json!({ "data": dto(&author, &row) })).into_response()),
+        Some(row) => Ok(Json(AuthorOne {
+            data: dto(&author, &row),
+        })
+        .into_response()),
         None => Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -165,6 +218,23 @@ async fn one(
     }
 }
 
+/// Every author seen in either stream, by name.
+#[utoipa::path(
+    get,
+    operation_id = "listAuthorStats",
+    path = "/reports/authors",
+    tag = "reports",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 20."),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
+        ("min_seq" = Option<String>, Query, description = "Wait until author-stats has applied these sequences: POSTS:n, COMMENTS:m or both, comma separated."),
+        ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
+    ),
+    responses(
+        (status = 200, description = "A page of authors", body = AuthorPage),
+        servicekit::openapi::ReadProblems,
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
@@ -177,8 +247,12 @@ async fn list(
     let page = blocking(move || reader.list(cursor.as_deref(), limit))
         .await?
         .map_err(stats_problem)?;
-    let data: Vec<Value> = page.rows.iter().map(|(a, r)| dto(a, r)).collect();
-    Ok(Json(json!({ "data": data, "next_cursor": page.next_cursor })).into_response())
+    let data: Vec<AuthorStats> = page.rows.iter().map(|(a, r)| dto(a, r)).collect();
+    Ok(Json(AuthorPage {
+        data,
+        next_cursor: page.next_cursor,
+    })
+    .into_response())
 }
 
 async fn projections(State(state): State<AppState>) -> Response {

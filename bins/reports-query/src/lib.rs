@@ -7,6 +7,13 @@
 
 mod api;
 
+/// This service's public routes as an OpenAPI document (the gateway merges
+/// them).
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <api::ApiDoc as utoipa::OpenApi>::openapi()
+}
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -30,13 +30,23 @@ pub struct Problem {
     pub retry_after_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ProblemBody<'a> {
+/// The body of every error answer, `application/problem+json` (RFC 9457):
+/// the schema the OpenAPI document gives them.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemDocument<'a> {
+    /// `urn:problem:<slug>`, stable: what a client matches on.
     #[serde(rename = "type")]
-    kind: String,
-    title: &'a str,
-    status: u16,
-    detail: &'a str,
+    #[schema(example = "urn:problem:not-found")]
+    pub kind: String,
+    /// The status's reason phrase.
+    #[schema(example = "Not Found")]
+    pub title: &'a str,
+    /// The HTTP status, again.
+    #[schema(example = 404)]
+    pub status: u16,
+    /// What exactly is wrong, for a human.
+    #[schema(example = "post 0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00 not found")]
+    pub detail: &'a str,
 }
 
 impl Problem {
@@ -73,7 +83,7 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = ProblemBody {
+        let body = ProblemDocument {
             kind: format!("urn:problem:{}", self.slug),
             title: self.status.canonical_reason().unwrap_or("error"),
             status: self.status.as_u16(),
@@ -588,5 +598,60 @@ mod tests {
                 .is_ok_and(|id| id == "0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00")
         );
         assert!(parse_id("0190a0b47c1e7a3f9d2e5b6c7d8e9f00", "order").is_err());
+    }
+}
+
+/// The problem answers the OpenAPI document lists for each kind of route
+/// (`responses(..., servicekit::CommandProblems)` on a handler).
+pub mod openapi {
+    use super::ProblemDocument;
+
+    /// What any command may answer besides its success.
+    #[derive(utoipa::IntoResponses)]
+    #[allow(dead_code)]
+    pub enum CommandProblems {
+        /// Malformed JSON, an unknown field, a bad id or header.
+        #[response(status = 400, content_type = "application/problem+json")]
+        BadRequest(ProblemDocument<'static>),
+        /// No such aggregate.
+        #[response(status = 404, content_type = "application/problem+json")]
+        NotFound(ProblemDocument<'static>),
+        /// Already deleted, or a version conflict that retries did not settle.
+        #[response(status = 409, content_type = "application/problem+json")]
+        Conflict(ProblemDocument<'static>),
+        /// `If-Match` names another version.
+        #[response(status = 412, content_type = "application/problem+json")]
+        PreconditionFailed(ProblemDocument<'static>),
+        /// The body is over the limit.
+        #[response(status = 413, content_type = "application/problem+json")]
+        TooLarge(ProblemDocument<'static>),
+        /// Not `application/json`, or a compressed body.
+        #[response(status = 415, content_type = "application/problem+json")]
+        UnsupportedMediaType(ProblemDocument<'static>),
+        /// A field out of bounds, or an `Idempotency-Key` reused with another body.
+        #[response(status = 422, content_type = "application/problem+json")]
+        Unprocessable(ProblemDocument<'static>),
+        /// NATS is unavailable; `Retry-After` says when to retry.
+        #[response(status = 503, content_type = "application/problem+json")]
+        Unavailable(ProblemDocument<'static>),
+        /// The stream's byte budget is full: nothing was stored.
+        #[response(status = 507, content_type = "application/problem+json")]
+        InsufficientStorage(ProblemDocument<'static>),
+    }
+
+    /// What any read may answer besides its success.
+    #[derive(utoipa::IntoResponses)]
+    #[allow(dead_code)]
+    pub enum ReadProblems {
+        /// A bad id, parameter, cursor or `min_seq`.
+        #[response(status = 400, content_type = "application/problem+json")]
+        BadRequest(ProblemDocument<'static>),
+        /// Not found (or deleted).
+        #[response(status = 404, content_type = "application/problem+json")]
+        NotFound(ProblemDocument<'static>),
+        /// `min_seq` not reached within the bounded wait, or the service is
+        /// starting; `Retry-After` says when to retry.
+        #[response(status = 503, content_type = "application/problem+json")]
+        Unavailable(ProblemDocument<'static>),
     }
 }

@@ -36,13 +36,18 @@ pub(super) struct Parsed {
 }
 
 /// One search hit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Hit {
+    #[schema(format = Uuid)]
     pub post_id: String,
     pub title: String,
     pub author_name: String,
+    /// BM25, title boosted: higher is better.
     pub score: f32,
-    /// By field name; ordered, so that a hit serialises the same every time.
+    /// By field name (`title`, `content`): snippets with the matched words
+    /// in `<b>` tags, HTML-escaped otherwise. Ordered, so that a hit
+    /// serialises the same every time.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub highlights: BTreeMap<&'static str, String>,
 }
 
