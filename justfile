@@ -200,12 +200,15 @@ up:
 token name:
     @GATEWAY_JWT_SECRET='{{ jwt_secret }}' cargo run --release --quiet --bin gateway -- token "$1"
 
-# Runs the whole test suite against a real nats-server (installed if missing).
+# Runs the whole test suite against a real nats-server (installed if missing, as is schemathesis for the fuzz run).
 test:
     #!/usr/bin/env bash
     set -euo pipefail
     NATS_SERVER_BIN="$(bash scripts/ensure-tool nats-server)"
     export NATS_SERVER_BIN
+    # The gateway's schema-driven fuzz run (an end-to-end test) drives it.
+    SCHEMATHESIS_BIN="$(bash scripts/ensure-tool schemathesis)"
+    export SCHEMATHESIS_BIN
     # The end-to-end tests spawn the service binaries.
     cargo build --bins
     cargo test --workspace

@@ -278,7 +278,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
         ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
     ),
     responses(
-        (status = 200, description = "The post", body = PostOne),
+        (status = 200, description = "The post", body = PostOne, headers(("ETag" = String, description = "\"<version>\": send it as If-Match with an update"))),
         servicekit::openapi::ReadProblems,
     ),
 )]
@@ -298,7 +298,12 @@ async fn get_post(
         .map_err(view_problem)?;
     match row {
         Some(r) if !r.deleted || include_deleted => {
-            Ok(Json(PostOne { data: dto(id, r) }).into_response())
+            let etag = format!("\"{}\"", r.version);
+            let mut resp = Json(PostOne { data: dto(id, r) }).into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&etag) {
+                resp.headers_mut().insert(axum::http::header::ETAG, v);
+            }
+            Ok(resp)
         }
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,

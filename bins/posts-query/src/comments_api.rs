@@ -143,7 +143,7 @@ pub(crate) async fn list(
         ("X-Min-Seq" = Option<String>, Header, description = "min_seq as a header."),
     ),
     responses(
-        (status = 200, description = "The comment", body = CommentOne),
+        (status = 200, description = "The comment", body = CommentOne, headers(("ETag" = String, description = "\"<version>\""))),
         servicekit::openapi::ReadProblems,
     ),
 )]
@@ -163,10 +163,17 @@ pub(crate) async fn get_one(
         .await?
         .map_err(view_problem)?;
     match row {
-        Some(row) if !row.removed => Ok(Json(CommentOne {
-            data: dto(&comment_id, &row),
-        })
-        .into_response()),
+        Some(row) if !row.removed => {
+            let etag = format!("\"{}\"", row.version);
+            let mut resp = Json(CommentOne {
+                data: dto(&comment_id, &row),
+            })
+            .into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&etag) {
+                resp.headers_mut().insert(axum::http::header::ETAG, v);
+            }
+            Ok(resp)
+        }
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",

@@ -183,8 +183,13 @@ pub fn decide(state: &CommentState, command: &Command) -> Result<Vec<Event>, Rej
             },
         ) => Ok(Vec::new()),
         (CommentState::Removed(..), _) => Err(Rejection::Removed),
-        (CommentState::Live(_), Command::Edit { body: text }) => {
-            Ok(vec![Event::Edited { body: body(text)? }])
+        (CommentState::Live(comment), Command::Edit { body: text }) => {
+            let text = body(text)?;
+            // The same text again appends nothing.
+            if text == comment.body {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::Edited { body: text }])
         }
         (CommentState::Live(_), Command::Remove { reason }) => {
             Ok(vec![Event::Removed { reason: *reason }])
@@ -329,6 +334,17 @@ mod tests {
         assert_eq!(
             decide(&live, &edit).unwrap(),
             vec![Event::Edited { body: "new".into() }]
+        );
+        let same = match &live {
+            CommentState::Live(c) => Command::Edit {
+                body: c.body.clone(),
+            },
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            decide(&live, &same).unwrap(),
+            vec![],
+            "the same text is no edit"
         );
         let remove = Command::Remove {
             reason: RemovalReason::Author,

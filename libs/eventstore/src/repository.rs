@@ -278,6 +278,13 @@ impl<A: Aggregate> Repository<A> {
             }
             let event = match decide(&loaded.state, loaded.version) {
                 Ok(mut events) if events.len() == 1 => events.remove(0),
+                // Nothing to append on a state that may be stale: check it
+                // against the stream first, as a rejection is.
+                Ok(events) if events.is_empty() && !fresh => {
+                    loaded = self.refresh(id, loaded).await?;
+                    fresh = true;
+                    continue;
+                }
                 Ok(events) if events.is_empty() => {
                     return Ok(Executed {
                         loaded,

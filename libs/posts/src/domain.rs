@@ -143,7 +143,7 @@ pub fn decide(state: &PostState, command: &Command) -> Result<Vec<Event>, Reject
             Err(Rejection::Deleted)
         }
         (
-            PostState::Live(_),
+            PostState::Live(post),
             Command::Update {
                 title,
                 content,
@@ -153,13 +153,31 @@ pub fn decide(state: &PostState, command: &Command) -> Result<Vec<Event>, Reject
             if title.is_none() && content.is_none() && author_name.is_none() {
                 return Err(Rejection::EmptyUpdate);
             }
-            Ok(vec![Event::Updated {
-                title: title.as_deref().map(normalize_title).transpose()?,
-                content: content.as_deref().map(normalize_content).transpose()?,
-                author_name: author_name
+            // Only what changes goes into the event; an update that changes
+            // nothing appends nothing (and answers the current version).
+            let changed = |new: Option<String>, old: &str| new.filter(|v| v != old);
+            let title = changed(
+                title.as_deref().map(normalize_title).transpose()?,
+                &post.title,
+            );
+            let content = changed(
+                content.as_deref().map(normalize_content).transpose()?,
+                &post.content,
+            );
+            let author_name = changed(
+                author_name
                     .as_deref()
                     .map(normalize_author_name)
                     .transpose()?,
+                &post.author_name,
+            );
+            if title.is_none() && content.is_none() && author_name.is_none() {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::Updated {
+                title,
+                content,
+                author_name,
             }])
         }
         (PostState::Live(_), Command::Delete) => Ok(vec![Event::Deleted]),
@@ -257,6 +275,27 @@ mod tests {
             content: content.map(Into::into),
             author_name: author.map(Into::into),
         }
+    }
+
+    #[test]
+    fn given_a_post_when_update_with_its_own_values_then_nothing() {
+        let given = PostState::Live(Post {
+            title: "Hello".into(),
+            content: "World".into(),
+            author_name: "ann".into(),
+        });
+        assert_eq!(
+            decide(&given, &update(Some(" Hello "), None, Some("ann"))),
+            Ok(vec![])
+        );
+        assert_eq!(
+            decide(&given, &update(Some("Hello"), Some("Earth"), None)),
+            Ok(vec![Event::Updated {
+                title: None,
+                content: Some("Earth".into()),
+                author_name: None,
+            }])
+        );
     }
 
     #[test]

@@ -158,11 +158,23 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
         .to_string();
     assert!(!generated.is_empty());
 
-    // Reads, with read-your-writes through min_seq.
+    // A PATCH that changes nothing appends nothing and answers the current
+    // version.
+    let same = Reply::of(
+        http.patch(env.url(&format!("/posts/{id}")))
+            .header("authorization", &bearer)
+            .json(&json!({"title": "Gateway post, edited", "author_name": "ann"})),
+    )
+    .await?;
+    assert_eq!(same.header("etag"), Some("\"2\""));
+    assert_eq!(same.ack(200), patch_ack, "a no-op PATCH");
+
+    // Reads, with read-your-writes through min_seq, and the version as ETag.
     let one = env
         .get(&format!("/posts/{id}?min_seq={}", patch_ack.seq))
         .await?;
     assert_eq!(one.status, 200, "{one:?}");
+    assert_eq!(one.header("etag"), Some("\"2\""));
     assert_eq!(one.json()["data"]["title"], "Gateway post, edited");
     assert!(one.header("x-request-id").is_some());
     let list = env
@@ -213,6 +225,19 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
         ))
         .await?;
     assert_eq!(comment.status, 200, "{comment:?}");
+    assert_eq!(comment.header("etag"), Some("\"1\""));
+    let unchanged = Reply::of(
+        http.patch(env.url(&format!("/posts/{id}/comments/{comment_id}")))
+            .header("authorization", format!("Bearer {}", token("bob")))
+            .json(&json!({"body": "first!"})),
+    )
+    .await?;
+    assert_eq!(unchanged.status, 200, "{unchanged:?}");
+    assert_eq!(
+        unchanged.json()["seq"].as_u64(),
+        Some(comment_seq),
+        "a no-op edit"
+    );
     let edited = Reply::of(
         http.patch(env.url(&format!("/posts/{id}/comments/{comment_id}")))
             .header("authorization", format!("Bearer {}", token("bob")))
@@ -638,5 +663,83 @@ async fn a_dead_or_slow_upstream_is_answered_in_bounded_time_and_the_rest_still_
     assert_eq!(state("comments-command", &dead), Some(json!(false)));
     assert_eq!(state("reports-query", &silent_url), Some(json!(false)));
     held.abort();
+    Ok(())
+}
+
+/// The schema-driven fuzz run (schemathesis, from `SCHEMATHESIS_BIN` or
+/// `PATH`; `just test` installs the pinned one): bounded examples of every
+/// operation of `/openapi.json`, valid and invalid, with a token, through
+/// the gateway to the real services. No answer may be a 5xx other than a
+/// 503 with `Retry-After` (a read's `min_seq` not reached: the documented
+/// backpressure), and every answer must match the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_driven_fuzz_run_through_the_gateway_finds_no_server_error() -> anyhow::Result<()>
+{
+    const FUZZ_DEADLINE: Duration = Duration::from_secs(600);
+    let bin = std::env::var("SCHEMATHESIS_BIN").unwrap_or_else(|_| "schemathesis".into());
+    let env = Platform::start().await?;
+    // Something for the reads to find.
+    let bearer = format!("Bearer {}", token("fuzz"));
+    let id = Reply::of(
+        env.http
+            .post(env.url("/posts"))
+            .header("authorization", &bearer)
+            .json(&json!({"title": "fuzz", "content": "seed post", "author_name": "ann"})),
+    )
+    .await?
+    .ack(201)
+    .post_id;
+    let added = Reply::of(
+        env.http
+            .post(env.url(&format!("/posts/{id}/comments")))
+            .header("authorization", &bearer)
+            .json(&json!({"body": "seed", "author_name": "bo"})),
+    )
+    .await?;
+    assert_eq!(added.status, 201, "{added:?}");
+    let hooks = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/hooks.py");
+    let report = tempfile::tempdir()?;
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("run")
+        .arg(env.url("/openapi.json"))
+        .args([
+            "--checks",
+            "no_unexpected_server_error,response_schema_conformance",
+        ])
+        .args(["-H", &format!("Authorization: {bearer}")])
+        .args([
+            "--max-examples",
+            "15",
+            "--seed",
+            "20261207",
+            "--workers",
+            "1",
+        ])
+        .args(["--request-timeout", "15"])
+        .arg("--report-dir")
+        .arg(report.path())
+        .env("SCHEMATHESIS_HOOKS", "hooks")
+        .env("PYTHONPATH", hooks.parent().expect("dir"))
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(FUZZ_DEADLINE, cmd.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("the fuzz run took over {FUZZ_DEADLINE:?}"))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run {bin} ({e}): run `just test`, which installs it, or set SCHEMATHESIS_BIN"
+            )
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the fuzz run failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It did run the operations.
+    assert!(stdout.contains("/posts/search"), "{stdout}");
     Ok(())
 }

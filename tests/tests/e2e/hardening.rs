@@ -211,7 +211,7 @@ async fn a_full_byte_budget_is_507_and_loses_nothing() -> TestResult {
     let first = &accepted[0];
     let r = Reply::of(
         http.patch(format!("{}/posts/{}", command.base_url, first.post_id))
-            .json(&json!({"content": content})),
+            .json(&json!({"content": "y".repeat(4_000)})),
     )
     .await?;
     r.assert_problem(507, "byte budget");
