@@ -200,7 +200,7 @@ up:
 token name:
     @GATEWAY_JWT_SECRET='{{ jwt_secret }}' cargo run --release --quiet --bin gateway -- token "$1"
 
-# Runs the whole test suite against a real nats-server (installed if missing, as is schemathesis for the fuzz run).
+# Runs the whole test suite against a real nats-server (installed if missing, as are schemathesis and openapi-spec-validator).
 test:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -209,6 +209,9 @@ test:
     # The gateway's schema-driven fuzz run (an end-to-end test) drives it.
     SCHEMATHESIS_BIN="$(bash scripts/ensure-tool schemathesis)"
     export SCHEMATHESIS_BIN
+    # A standard validator of the gateway's OpenAPI document.
+    OPENAPI_SPEC_VALIDATOR_BIN="$(bash scripts/ensure-tool openapi-spec-validator)"
+    export OPENAPI_SPEC_VALIDATOR_BIN
     # The end-to-end tests spawn the service binaries.
     cargo build --bins
     cargo test --workspace

@@ -364,6 +364,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let router = router.layer(axum::middleware::from_fn(problem_bodies));
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.connections_max.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -402,6 +403,85 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Longest request target (path and query) a service takes: a longer one
+/// is a 414 problem. (Past 64 KiB hyper itself answers 414, without a body.)
+pub const URI_BYTES_MAX: usize = 8 * 1024;
+/// The most of a non-problem error body [`problem_bodies`] reads to quote it.
+const ERROR_BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// Every error answer is a JSON document, a problem unless a handler chose
+/// another JSON body: a request target over [`URI_BYTES_MAX`] is a 414
+/// problem, and an error that some layer answered otherwise (an
+/// extractor's plain-text rejection, an empty body) gets a problem body with
+/// the same status and headers, quoting what it said.
+async fn problem_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let target_len = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path().len(), |pq| pq.as_str().len());
+    if target_len > URI_BYTES_MAX {
+        let mut resp = Problem::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            format!("the request target is {target_len} bytes; at most {URI_BYTES_MAX} are taken"),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    // A problem, or a deliberate JSON document (a `/readyz` that says
+    // which part is not ready), stays as it is.
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with(PROBLEM_CONTENT_TYPE) || ct.starts_with("application/json")
+        });
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let said = axum::body::to_bytes(body, ERROR_BODY_BYTES_MAX)
+        .await
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim()
+                .chars()
+                .take(500)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let detail = if said.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        said
+    };
+    let slug = match status.as_u16() {
+        400 => "bad-request",
+        404 => "no-route",
+        405 => "method-not-allowed",
+        408 => "request-timeout",
+        413 => "body-too-large",
+        414 => "uri-too-long",
+        415 => "unsupported-media-type",
+        422 => "unprocessable",
+        431 => "headers-too-large",
+        503 => "unavailable",
+        _ => "http-error",
+    };
+    let mut out = Problem::new(status, slug, detail).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// One router from the start of a service that needs time to get ready
@@ -506,6 +586,65 @@ mod tests {
             .ok()?
             .ok()?;
         Some(got)
+    }
+
+    async fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let got = read_to_close(&mut tcp, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Every error answer has a problem body: a long target, and a layer's
+    /// own plain-text or empty error answer.
+    #[tokio::test]
+    async fn every_error_answer_is_a_problem_document() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route(
+                "/q",
+                axum::routing::get(
+                    |q: axum::extract::Query<std::collections::HashMap<String, u32>>| async move {
+                        q.0.len().to_string()
+                    },
+                ),
+            )
+            .route(
+                "/empty",
+                axum::routing::get(|| async { StatusCode::IM_A_TEAPOT }),
+            );
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, Limits::SERVICE, async {
+            let _ = rx.await;
+        }));
+        let long = format!(
+            "GET /q?x={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "1".repeat(URI_BYTES_MAX)
+        );
+        let bad_query = "GET /q?x=abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let empty = "GET /empty HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        for (request, status, detail) in [
+            (long.as_str(), "414", "at most 8192"),
+            (bad_query, "400", "query"),
+            (empty, "418", "teapot"),
+        ] {
+            let answer = exchange(addr, request).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{answer}"
+            );
+            assert!(answer.contains("application/problem+json"), "{answer}");
+            assert!(answer.to_lowercase().contains(detail), "{answer}");
+        }
+        let fine = exchange(
+            addr,
+            "GET /q?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(fine.starts_with("HTTP/1.1 200"), "{fine}");
     }
 
     /// Finding 10 of the hardening review: no header-read timeout, so a

@@ -302,6 +302,48 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
             "reports-query"
         ]
     );
+    // The OpenAPI document of every route, and its interactive docs.
+    let doc = env.get("/openapi.json").await?;
+    assert_eq!(doc.status, 200, "{doc:?}");
+    let doc = doc.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path) in [
+        ("post", "/posts"),
+        ("get", "/posts/search"),
+        ("patch", "/posts/{id}/comments/{comment_id}"),
+        ("get", "/reports/authors/{author_name}"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} documented"
+        );
+    }
+    assert!(doc["paths"]["/posts"]["post"]["security"].is_array());
+    // Valid under a standard validator (openapi-spec-validator, from
+    // OPENAPI_SPEC_VALIDATOR_BIN or PATH; `just test` installs it).
+    let file = tempfile::NamedTempFile::with_suffix(".json")?;
+    std::fs::write(file.path(), doc.to_string())?;
+    let validator = std::env::var("OPENAPI_SPEC_VALIDATOR_BIN")
+        .unwrap_or_else(|_| "openapi-spec-validator".into());
+    let checked = tokio::process::Command::new(&validator)
+        .arg(file.path())
+        .output()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot run {validator} ({e}): run `just test`, which installs it")
+        })?;
+    assert!(
+        checked.status.success(),
+        "the OpenAPI document is invalid: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let docs = env.get("/docs").await?;
+    assert_eq!(docs.status, 200);
+    assert!(
+        docs.header("content-type")
+            .is_some_and(|c| c.starts_with("text/html"))
+    );
     env.get("/nowhere")
         .await?
         .assert_problem(404, "no such route");
@@ -721,6 +763,8 @@ async fn a_schema_driven_fuzz_run_through_the_gateway_finds_no_server_error() ->
         .env("SCHEMATHESIS_HOOKS", "hooks")
         .env("PYTHONPATH", hooks.parent().expect("dir"))
         .env("NO_COLOR", "1")
+        // Its cache directory lands in the working directory: not the repo.
+        .current_dir(report.path())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(FUZZ_DEADLINE, cmd.output())
