@@ -153,25 +153,20 @@ pub fn decide(state: &PostState, command: &Command) -> Result<Vec<Event>, Reject
             if title.is_none() && content.is_none() && author_name.is_none() {
                 return Err(Rejection::EmptyUpdate);
             }
-            // Only what changes goes into the event; an update that changes
-            // nothing appends nothing (and answers the current version).
-            let changed = |new: Option<String>, old: &str| new.filter(|v| v != old);
-            let title = changed(
-                title.as_deref().map(normalize_title).transpose()?,
-                &post.title,
-            );
-            let content = changed(
-                content.as_deref().map(normalize_content).transpose()?,
-                &post.content,
-            );
-            let author_name = changed(
-                author_name
-                    .as_deref()
-                    .map(normalize_author_name)
-                    .transpose()?,
-                &post.author_name,
-            );
-            if title.is_none() && content.is_none() && author_name.is_none() {
+            let title = title.as_deref().map(normalize_title).transpose()?;
+            let content = content.as_deref().map(normalize_content).transpose()?;
+            let author_name = author_name
+                .as_deref()
+                .map(normalize_author_name)
+                .transpose()?;
+            // An update that changes nothing appends nothing (and answers
+            // the current version); otherwise the event carries every field
+            // given, as the command said it.
+            let same = |new: &Option<String>, old: &str| new.as_deref().is_none_or(|v| v == old);
+            if same(&title, &post.title)
+                && same(&content, &post.content)
+                && same(&author_name, &post.author_name)
+            {
                 return Ok(Vec::new());
             }
             Ok(vec![Event::Updated {
@@ -291,7 +286,7 @@ mod tests {
         assert_eq!(
             decide(&given, &update(Some("Hello"), Some("Earth"), None)),
             Ok(vec![Event::Updated {
-                title: None,
+                title: Some("Hello".into()),
                 content: Some("Earth".into()),
                 author_name: None,
             }])

@@ -85,6 +85,8 @@ pub struct Verdict {
     pub duplicates: u64,
     /// Commands whose outcome was unknown and that the stream shows.
     pub uncertain_applied: u64,
+    /// Acknowledged updates that changed nothing and appended nothing.
+    pub no_ops: u64,
     pub problems: Vec<String>,
 }
 
@@ -175,6 +177,11 @@ fn fold(state: Option<Expected>, op: &Op, version: u64) -> Result<Expected, Stri
 pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u64>) -> Verdict {
     let mut v = Verdict::default();
     let by_seq: HashMap<u64, &StreamMessage> = messages.iter().map(|m| (m.sequence, m)).collect();
+    let corrs: HashSet<&str> = messages.iter().filter_map(corr_of).collect();
+    // An update that changes nothing appends nothing and is acknowledged
+    // with the post's current version and sequence: checked below, once the
+    // post's states are folded.
+    let mut no_ops: Vec<&crate::workload::Acked> = Vec::new();
     // Every acknowledged event is in the stream, at the sequence the answer
     // named, on the post's subject, from this very command.
     for a in &oracle.acked {
@@ -182,6 +189,13 @@ pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u
             Some(m)
                 if m.subject.as_str() == subject_for(&a.post_id)
                     && corr_of(m) == Some(a.corr.as_str()) => {}
+            Some(m)
+                if m.subject.as_str() == subject_for(&a.post_id)
+                    && !corrs.contains(a.corr.as_str())
+                    && matches!(oracle.ops.get(&a.corr), Some(Op::Update { .. })) =>
+            {
+                no_ops.push(a);
+            }
             Some(m) => {
                 v.lost += 1;
                 v.problems.push(format!(
@@ -211,6 +225,8 @@ pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u
         per_subject.entry(m.subject.as_str()).or_default().push(m);
     }
     let mut seen: HashSet<&str> = HashSet::new();
+    let mut seq_versions: HashMap<u64, u64> = HashMap::new();
+    let mut states: HashMap<(&str, u64), Expected> = HashMap::new();
     for (subject, msgs) in per_subject {
         let Some(post_id) = subject.strip_prefix("posts.") else {
             v.problems
@@ -220,6 +236,7 @@ pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u
         let mut state: Option<Expected> = None;
         for (i, m) in msgs.iter().enumerate() {
             let version = i as u64 + 1;
+            seq_versions.insert(m.sequence, version);
             let Some(corr) = corr_of(m) else {
                 v.problems.push(format!(
                     "seq {} on {subject} has no Correlation-Id",
@@ -266,7 +283,10 @@ pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u
                     .push(format!("seq {} ({corr}) does not decode: {e}", m.sequence)),
             }
             match fold(state.take(), op, version) {
-                Ok(s) => state = Some(s),
+                Ok(s) => {
+                    states.insert((post_id, version), s.clone());
+                    state = Some(s);
+                }
                 Err(e) => v
                     .problems
                     .push(format!("{post_id} at seq {}: {e}", m.sequence)),
@@ -274,6 +294,37 @@ pub fn reconcile(oracle: &Oracle, messages: &[StreamMessage], ignore: &HashSet<u
         }
         if let Some(s) = state {
             v.expected.insert(post_id.to_string(), s);
+        }
+    }
+    // A no-op's ack names the post's event at its version, a live state in
+    // which every field the update gave already had that value.
+    for a in no_ops {
+        let at = seq_versions.get(&a.seq).copied();
+        let state = states.get(&(a.post_id.as_str(), a.version));
+        let unchanged = match (oracle.ops.get(&a.corr), state) {
+            (
+                Some(Op::Update {
+                    title,
+                    content,
+                    author,
+                }),
+                Some(s),
+            ) => {
+                !s.deleted
+                    && title.as_ref().is_none_or(|t| *t == s.title)
+                    && content.as_ref().is_none_or(|c| *c == s.content)
+                    && author.as_ref().is_none_or(|x| *x == s.author)
+            }
+            _ => false,
+        };
+        if at == Some(a.version) && unchanged {
+            v.no_ops += 1;
+        } else {
+            v.lost += 1;
+            v.problems.push(format!(
+                "ack of {} ({} v{}) named seq {}, another command's event, and was no no-op there",
+                a.corr, a.post_id, a.version, a.seq
+            ));
         }
     }
     v

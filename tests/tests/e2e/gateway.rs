@@ -787,3 +787,47 @@ async fn a_schema_driven_fuzz_run_through_the_gateway_finds_no_server_error() ->
     assert!(stdout.contains("/posts/search"), "{stdout}");
     Ok(())
 }
+
+#[tokio::test]
+async fn admin_routes_are_proxied_to_the_admin_listener_for_token_holders_only()
+-> anyhow::Result<()> {
+    let nats = start_nats().await?;
+    let posts = InProcessService::start_command(&nats.url()).await?;
+    let dir = tempfile::tempdir()?;
+    let query = InProcessService::start_query(&nats.url(), dir.path()).await?;
+    let mut cfg = config(
+        &posts.base_url,
+        &[&query.base_url],
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+    );
+    cfg.posts_query_admin_url = Some(e2e_tests::admin_url(dir.path())?);
+    let gw = InProcessService::start_gateway(&cfg).await?;
+    let http = http_client();
+    let shadows = format!(
+        "{}/admin/posts-query/projections/post-view/shadows",
+        gw.base_url
+    );
+    let r = Reply::of(http.post(&shadows)).await?;
+    r.assert_problem(401, "authorization");
+    let r = Reply::of(
+        http.post(&shadows)
+            .header("authorization", format!("Bearer {}", token("operator"))),
+    )
+    .await?;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(r.json()["shadow"].is_string(), "{r:?}");
+    // No admin URL configured for reports-query, and no such service.
+    for path in [
+        "/admin/reports-query/projections/author-stats/shadows",
+        "/admin/nope/x",
+    ] {
+        let r = Reply::of(
+            http.post(format!("{}{path}", gw.base_url))
+                .header("authorization", format!("Bearer {}", token("operator"))),
+        )
+        .await?;
+        r.assert_problem(404, "no admin url");
+    }
+    Ok(())
+}
