@@ -10,6 +10,8 @@ mod comments;
 mod gateway;
 #[path = "e2e/hardening.rs"]
 mod hardening;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 #[path = "e2e/query.rs"]
 mod query;
 #[path = "e2e/replay.rs"]

@@ -123,13 +123,37 @@ pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
     )
     .await?;
     let cascade = cascade::Cascade::new(host.store().clone(), posts.clone());
-    Ok(AppState {
+    let state = AppState {
         inner: Arc::new(Inner {
             host,
             posts,
             cascade,
         }),
-    })
+    };
+    // The process manager in `/metrics`; held weakly, as a stopped service
+    // must let go of its connections.
+    let inner = Arc::downgrade(&state.inner);
+    telemetry::on_scrape(move || {
+        let inner = inner.upgrade();
+        async move {
+            let Some(inner) = inner else { return };
+            let snap = inner.cascade.snapshot().await;
+            let sum = |field: &str| {
+                snap["sources"]
+                    .as_array()
+                    .map_or(0, |s| s.iter().filter_map(|x| x[field].as_u64()).sum())
+            };
+            let state = if snap["last_error"].is_null() { 0 } else { 2 };
+            telemetry::metrics().set_projection(
+                cascade::NAME,
+                snap["lag"].as_u64().unwrap_or(0),
+                sum("handled"),
+                sum("poison"),
+                state,
+            );
+        }
+    });
+    Ok(state)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves.

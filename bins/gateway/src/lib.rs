@@ -503,6 +503,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
         .route("/docs", get(docs))
+        .route_layer(axum::middleware::from_fn(servicekit::http_metrics))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
         .layer(axum::middleware::map_response(

@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/projections", get(projections))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route_layer(axum::middleware::from_fn(servicekit::http_metrics))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
         .with_state(state)
@@ -684,6 +685,49 @@ async fn projections(State(state): State<AppState>) -> Response {
     let mut data = data;
     data.push(comment_view_entry(&state).await);
     Json(json!({ "data": data })).into_response()
+}
+
+/// The projection families of `/metrics`: the figures `/projections` shows.
+pub(crate) async fn refresh_metrics(state: &AppState) {
+    let code = |s: projection::ProjectionState| match s {
+        projection::ProjectionState::Running => 0,
+        projection::ProjectionState::Rebuilding => 1,
+        projection::ProjectionState::Halted => 2,
+    };
+    let last = stream_last_seq(state).await;
+    for s in &state.inner.statuses {
+        let snap = s.snapshot();
+        let shown = if state.rebuild(&snap.name).is_some() {
+            projection::ProjectionState::Rebuilding
+        } else {
+            snap.state
+        };
+        let lag = last.map_or(0, |l| l.saturating_sub(snap.checkpoint));
+        telemetry::metrics().set_projection(
+            &snap.name,
+            lag,
+            snap.applied,
+            snap.parked,
+            code(shown),
+        );
+    }
+    let side = &state.inner.comments;
+    let snap = side.status.snapshot();
+    let last = match side.followed.get() {
+        Some((store, _)) => tokio::time::timeout(STREAM_INFO_TIMEOUT, store.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
+    let lag = last.map_or(0, |l| l.saturating_sub(snap.checkpoint));
+    telemetry::metrics().set_projection(
+        &snap.name,
+        lag,
+        snap.applied,
+        snap.parked,
+        code(snap.state),
+    );
 }
 
 /// The `/projections` entry of comment-view, which follows `COMMENTS`.

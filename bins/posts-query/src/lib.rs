@@ -98,7 +98,18 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let lock = DataDirLock::acquire(&config.data_dir, listen, admin.local_addr()?)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
-    AppState::open(store, lock, admin, &config.data_dir, &config.nats_urls())
+    let state = AppState::open(store, lock, admin, &config.data_dir, &config.nats_urls())?;
+    // Held weakly: a stopped service's stores close, its series stop moving.
+    let inner = std::sync::Arc::downgrade(&state.inner);
+    telemetry::on_scrape(move || {
+        let inner = inner.upgrade();
+        async move {
+            if let Some(inner) = inner {
+                api::refresh_metrics(&AppState { inner }).await;
+            }
+        }
+    });
+    Ok(state)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves. Until the

@@ -30,6 +30,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .route("/projections", get(projections))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route_layer(axum::middleware::from_fn(servicekit::http_metrics))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)
         .with_state(state)
@@ -253,6 +254,29 @@ async fn list(
         next_cursor: page.next_cursor,
     })
     .into_response())
+}
+
+/// author-stats in `/metrics`: lag and figures summed over both streams.
+pub(crate) async fn refresh_metrics(state: &AppState) {
+    let (mut lag, mut applied, mut parked, mut halted) = (0u64, 0u64, 0u64, false);
+    for source in &state.inner.sources {
+        let snap = source.status.snapshot();
+        let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, source.store.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        lag += last.map_or(0, |l| l.saturating_sub(snap.checkpoint));
+        applied += snap.applied;
+        parked += snap.parked;
+        halted |= snap.state == projection::ProjectionState::Halted;
+    }
+    telemetry::metrics().set_projection(
+        AUTHOR_STATS,
+        lag,
+        applied,
+        parked,
+        if halted { 2 } else { 0 },
+    );
 }
 
 async fn projections(State(state): State<AppState>) -> Response {

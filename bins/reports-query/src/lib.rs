@@ -153,14 +153,25 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
             _feed: feed,
         });
     }
-    Ok(AppState {
+    let state = AppState {
         inner: Arc::new(Inner {
             reader,
             sources,
             runners: tokio::sync::Mutex::new(runners),
             _lock: lock,
         }),
-    })
+    };
+    // Held weakly: a stopped service's store closes, its series stop moving.
+    let inner = Arc::downgrade(&state.inner);
+    telemetry::on_scrape(move || {
+        let inner = inner.upgrade();
+        async move {
+            if let Some(inner) = inner {
+                api::refresh_metrics(&AppState { inner }).await;
+            }
+        }
+    });
+    Ok(state)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves. Until both

@@ -339,6 +339,7 @@ impl EventStore {
         let subject = self.subject_for(aggregate_id);
         let payload = bytes::Bytes::from(event.payload.clone());
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         loop {
             let result = async {
                 self.js
@@ -348,7 +349,15 @@ impl EventStore {
             }
             .await;
             match result {
-                Ok(ack) => return Ok(ack.sequence),
+                Ok(ack) => {
+                    telemetry::metrics()
+                        .append_duration
+                        .get_or_create(&telemetry::StreamLabels {
+                            stream: self.stream_name().to_string(),
+                        })
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(ack.sequence);
+                }
                 Err(e) => match e.kind() {
                     PublishErrorKind::WrongLastSequence => {
                         // The server checks the expected sequence before the
@@ -363,6 +372,12 @@ impl EventStore {
                         {
                             return Ok(seq);
                         }
+                        telemetry::metrics()
+                            .command_conflicts
+                            .get_or_create(&telemetry::StreamLabels {
+                                stream: self.stream_name().to_string(),
+                            })
+                            .inc();
                         return Err(AppendError::Conflict {
                             aggregate_id: aggregate_id.to_string(),
                             expected: expected_last_subject_seq,

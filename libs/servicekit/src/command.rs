@@ -66,7 +66,7 @@ impl<A: Aggregate> CommandHost<A> {
         let store = EventStore::connect(urls, service, spec).await?;
         Self::on(store, service, noun, spec.replicas)
             .await
-            .with_context(|| urls.join(","))
+            .with_context(|| eventstore::shown_urls(urls))
     }
 
     /// The host on a store already opened.
@@ -80,6 +80,7 @@ impl<A: Aggregate> CommandHost<A> {
         replicas: usize,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
+        telemetry::metrics().declare_stream(store.stream_name());
         let js = store.jetstream().clone();
         eventstore::provision(&js, &eventstore::dlq_spec(replicas))
             .await
@@ -223,6 +224,14 @@ impl<A: Aggregate> CommandHost<A> {
             .await
             .map_err(|e| self.execute_problem(e, &id, |p| p))?;
         let replayed = !executed.appended;
+        if replayed {
+            telemetry::metrics()
+                .idempotency_hits
+                .get_or_create(&telemetry::StreamLabels {
+                    stream: self.repo.store().stream_name().to_string(),
+                })
+                .inc();
+        }
         Ok((
             Created {
                 id,

@@ -421,6 +421,17 @@ async fn problem_bodies(req: axum::extract::Request, next: axum::middleware::Nex
         .uri()
         .path_and_query()
         .map_or(req.uri().path().len(), |pq| pq.as_str().len());
+    if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET {
+        let text = telemetry::render().await;
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(telemetry::CONTENT_TYPE),
+            )],
+            text,
+        )
+            .into_response();
+    }
     if target_len > URI_BYTES_MAX {
         let mut resp = Problem::new(
             StatusCode::URI_TOO_LONG,
@@ -482,6 +493,34 @@ async fn problem_bodies(req: axum::extract::Request, next: axum::middleware::Nex
         }
     }
     out
+}
+
+/// Records `http_requests_total` and `http_request_duration_seconds` by
+/// route template: add it with `route_layer` (after routing, where the
+/// template is known), so that labels stay bounded.
+pub async fn http_metrics(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = telemetry::metrics();
+    m.http_duration
+        .get_or_create(&telemetry::RouteLabels {
+            route: route.clone(),
+            method: method.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    m.http_requests
+        .get_or_create(&telemetry::HttpLabels {
+            route,
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
 }
 
 /// One router from the start of a service that needs time to get ready
