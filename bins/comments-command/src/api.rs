@@ -29,6 +29,7 @@ pub fn app(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/projections", get(projections))
+        .route_layer(axum::middleware::from_fn(servicekit::no_query_params))
         .route_layer(axum::middleware::from_fn(servicekit::http_metrics))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)

@@ -28,6 +28,7 @@ pub fn app(state: AppState) -> Router {
             "/readyz",
             get(|State(state): State<AppState>| async move { state.host().readyz().await }),
         )
+        .route_layer(axum::middleware::from_fn(servicekit::no_query_params))
         .route_layer(axum::middleware::from_fn(servicekit::http_metrics))
         .fallback(servicekit::no_route)
         .method_not_allowed_fallback(servicekit::method_not_allowed)

@@ -289,6 +289,7 @@ async fn get_post(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["include_deleted", "min_seq"])?;
     let id = parse_id(&raw_id, "post")?;
     let include_deleted = flag(&params, "include_deleted")?;
     read_your_writes(&state, POST_VIEW, &params, &headers).await?;
@@ -337,6 +338,7 @@ async fn list(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["author_name", "limit", "cursor", "min_seq"])?;
     let limit = limit(&params)?;
     read_your_writes(&state, POST_VIEW, &params, &headers).await?;
     let author = params.get("author_name").filter(|a| !a.is_empty()).cloned();
@@ -407,6 +409,7 @@ async fn search(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["q", "author_name", "limit", "cursor", "min_seq"])?;
     let limit = limit(&params)?;
     let q = params
         .get("q")
@@ -523,6 +526,7 @@ async fn history(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["limit", "cursor", "min_seq"])?;
     let id = parse_id(&raw_id, "post")?;
     // History is read from the stream itself. With `min_seq` it is read
     // through the stream leader, which has every acknowledged write, once

@@ -113,6 +113,7 @@ pub(crate) async fn list(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["limit", "cursor", "min_seq"])?;
     let Path(raw_post) = raw.map_err(path_problem)?;
     let post_id = parse_id(&raw_post, "post")?;
     let limit = limit(&params)?;
@@ -153,6 +154,7 @@ pub(crate) async fn get_one(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["min_seq"])?;
     let Path((raw_post, raw_comment)) = raw.map_err(path_problem)?;
     let post_id = parse_id(&raw_post, "post")?;
     let comment_id = parse_id(&raw_comment, "comment")?;

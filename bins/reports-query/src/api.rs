@@ -188,6 +188,7 @@ async fn one(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["min_seq"])?;
     let Path(author) = raw.map_err(|r| {
         bad(
             "invalid-path",
@@ -241,6 +242,7 @@ async fn list(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    servicekit::only_params(&params, &["limit", "cursor", "min_seq"])?;
     let limit = limit(&params)?;
     read_your_writes(&state, &params, &headers).await?;
     let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();

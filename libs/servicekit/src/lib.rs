@@ -269,6 +269,59 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
     }
 }
 
+/// 400 for a query parameter the route does not take, naming it: bodies
+/// are strict, and so are query strings.
+///
+/// # Errors
+/// The problem naming the first unknown parameter and the known ones.
+pub fn only_params<V>(
+    params: &std::collections::HashMap<String, V>,
+    known: &[&str],
+) -> Result<(), Problem> {
+    let mut unknown: Vec<&String> = params
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        None => Ok(()),
+        Some(name) => {
+            let shown: String = name.chars().take(64).collect();
+            Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "unknown-parameter",
+                if known.is_empty() {
+                    format!("unknown query parameter {shown:?}; this route takes none")
+                } else {
+                    format!(
+                        "unknown query parameter {shown:?}; this route takes {}",
+                        known.join(", ")
+                    )
+                },
+            ))
+        }
+    }
+}
+
+/// For routes that take no query parameters (the commands): any is a 400,
+/// as [`only_params`] answers. Add it with `route_layer`.
+pub async fn no_query_params(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(query) = req.uri().query().filter(|q| !q.is_empty()) {
+        let params: std::collections::HashMap<String, ()> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| (p.split('=').next().unwrap_or(p).to_string(), ()))
+            .collect();
+        if let Err(p) = only_params(&params, &[]) {
+            return p.into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// 404 for any route that does not exist, as a problem document.
 pub async fn no_route() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no-route", "no such route")

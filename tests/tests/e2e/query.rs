@@ -523,6 +523,73 @@ async fn search_ranks_phrases_tolerates_typos_highlights_and_pages() -> TestResu
     Ok(())
 }
 
+/// Unknown query parameters are refused, naming the parameter, on every
+/// read and command route, as unknown body fields are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_query_parameters_are_a_400_naming_them() -> TestResult {
+    let env = QueryEnv::start().await?;
+    let ack = env.create("t", "c", "ann").await?;
+    let id = &ack.post_id;
+    for (path, name) in [
+        (
+            format!("/posts/{id}?min_seq=1&includ_deleted=true"),
+            "includ_deleted",
+        ),
+        ("/posts?limit=5&autor=ann".to_string(), "autor"),
+        ("/posts/search?q=t&page=2".to_string(), "page"),
+        (format!("/posts/{id}/events?offset=3"), "offset"),
+        (format!("/posts/{id}/comments?sort=asc"), "sort"),
+    ] {
+        let r = env.get(&path).await?;
+        r.assert_problem(400, &format!("unknown query parameter \"{name}\""));
+    }
+    let r = Reply::of(
+        env.http
+            .patch(env.cmd(&format!("/posts/{id}?dry_run=1")))
+            .json(&serde_json::json!({"title": "x"})),
+    )
+    .await?;
+    r.assert_problem(
+        400,
+        "unknown query parameter \"dry_run\"; this route takes none",
+    );
+    Ok(())
+}
+
+/// Accents and case fold on both sides (as Meilisearch and Typesense do),
+/// and the highlights keep the original text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_folds_accents_and_case_on_both_sides() -> TestResult {
+    let env = QueryEnv::start().await?;
+    let cafe = env
+        .create("Café society", "a résumé of the Crème brûlée night", "zoé")
+        .await?;
+    let plain = env.create("cafe hours", "resume at nine", "ann").await?;
+    let seq = plain.seq;
+    for q in ["cafe", "Cafe", "CAFÉ", "café"] {
+        let v = search(&env, q, &[], seq).await;
+        let mut ids = hit_ids(&v);
+        ids.sort();
+        let mut want = vec![cafe.post_id.clone(), plain.post_id.clone()];
+        want.sort();
+        assert_eq!(ids, want, "{q}: {v}");
+    }
+    for q in ["resume", "résumé", "RESUMÉ", "creme brulee"] {
+        let v = search(&env, q, &[], seq).await;
+        assert!(hit_ids(&v).contains(&cafe.post_id), "{q}: {v}");
+    }
+    let v = search(&env, "cafe", &[("author_name", "zoé")], seq).await;
+    let hit = &v["data"][0];
+    assert_eq!(hit["post_id"], cafe.post_id.as_str(), "{v}");
+    assert_eq!(hit["highlights"]["title"], "<b>Café</b> society", "{v}");
+    let v = search(&env, "resume", &[("author_name", "zoé")], seq).await;
+    let content = v["data"][0]["highlights"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(content.contains("<b>résumé</b>"), "{v}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
     let env = QueryEnv::start().await?;

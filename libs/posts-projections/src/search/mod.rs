@@ -10,7 +10,14 @@ use std::time::{Duration, Instant};
 
 use projection::Parked;
 use serde::{Deserialize, Serialize};
-use tantivy::schema::{Field, STORED, STRING, Schema, TEXT};
+use tantivy::schema::{
+    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
+};
+
+/// The analyzer of the `text` field, by the name the schema records: a new
+/// name for a new analysis (accents folded since this one), so that an
+/// index built by an older one is rebuilt from the stream on open.
+pub(crate) const TEXT_TOKENIZER: &str = "post_folded";
 use tantivy::{Index, ReloadPolicy};
 
 /// Longest accepted query text, in bytes.
@@ -118,7 +125,14 @@ fn schema() -> (Schema, Fields) {
         post_id: b.add_text_field("post_id", STRING | STORED),
         title: b.add_text_field("title", STORED),
         content: b.add_text_field("content", STORED),
-        text: b.add_text_field("text", TEXT),
+        text: b.add_text_field(
+            "text",
+            TextOptions::default().set_indexing_options(
+                TextFieldIndexing::default()
+                    .set_tokenizer(TEXT_TOKENIZER)
+                    .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+            ),
+        ),
         // Raw, untokenised: an exact filter.
         author_name: b.add_text_field("author_name", STRING | STORED),
         created_at: b.add_i64_field("created_at", STORED),

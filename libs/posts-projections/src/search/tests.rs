@@ -19,6 +19,7 @@ fn conjunction_count_matches_tantivy_count() {
     // One indexing thread: three segments of exactly 200 documents, so
     // which words are dense in which segment does not vary.
     let index = Index::open_in_dir(dir.path()).unwrap();
+    super::write::register_tokenizers(&index);
     let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
     let words = ["amber", "birch", "cedar", "dune", "elm"];
     for i in 0..600u32 {
@@ -180,6 +181,7 @@ fn an_index_created_with_lz4_takes_the_new_store_settings() {
         })
         .create_in_dir(dir.path())
         .unwrap();
+    super::write::register_tokenizers(&index);
     let old = |n: usize| Doc {
         post_id: format!("old{n}"),
         title: format!("written before {n}"),

@@ -498,13 +498,14 @@ pub(super) fn past_committed_opstamp(writer: &IndexWriter) -> tantivy::Result<()
 }
 
 /// Tokenizers are not stored with the index: the same one for every writer
-/// and reader of it, under the name `TEXT` fields use. The highlighter's
+/// and reader of it, under the name the `text` field records ([`super::TEXT_TOKENIZER`]). The highlighter's
 /// ASCII path cuts words as this tokenizer does (its test registers the
 /// tokenizers through here).
 pub(crate) fn register_tokenizers(index: &Index) {
-    index
-        .tokenizers()
-        .register("default", crate::tokenizer::PostTokenizer::default());
+    index.tokenizers().register(
+        super::TEXT_TOKENIZER,
+        crate::tokenizer::PostTokenizer::default(),
+    );
 }
 
 /// What an upsert deletes: the documents of one post id, unscored, in the
