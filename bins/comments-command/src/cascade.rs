@@ -193,6 +193,8 @@ async fn remove(
         causation_id: source.event_id.clone(),
         event_id: Some(effect_id(&source.event_id, comment)),
         actor: source.actor.clone(),
+        // The removal continues the trace of the PostDeleted that caused it.
+        traceparent: source.traceparent.clone(),
     };
     match state
         .host()

@@ -220,6 +220,8 @@ struct HistoryEntry {
     causation_id: Option<String>,
     /// The token's `sub` of the write, through the gateway.
     actor: Option<String>,
+    /// The W3C trace context of the request that made the event.
+    traceparent: Option<String>,
     /// The event's fields.
     #[schema(value_type = Option<Object>)]
     data: Option<Value>,
@@ -612,6 +614,7 @@ fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Hi
                 correlation_id: None,
                 causation_id: None,
                 actor: None,
+                traceparent: None,
                 data: None,
                 error: Some(format!("broken envelope: {reason}")),
             };
@@ -630,6 +633,7 @@ fn history_entry(entry: &Result<eventstore::RecordedEvent, (u64, String)>) -> Hi
         correlation_id: Some(e.correlation_id.clone()),
         causation_id: Some(e.causation_id.clone()),
         actor: e.actor.clone(),
+        traceparent: e.traceparent.clone(),
         data,
         error,
     }

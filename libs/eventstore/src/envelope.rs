@@ -12,6 +12,8 @@ pub const HEADER_CORRELATION_ID: &str = "Correlation-Id";
 pub const HEADER_CAUSATION_ID: &str = "Causation-Id";
 /// Who asked for the event: the caller's identity (a token's `sub`), when known.
 pub const HEADER_ACTOR: &str = "Actor";
+/// The W3C trace context of the request that made the event.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// An event body already encoded by its domain, ready for the envelope.
 #[derive(Debug, Clone)]
@@ -33,6 +35,9 @@ pub struct Metadata {
     pub event_id: Option<String>,
     /// Who asked (`Actor` header), when known.
     pub actor: Option<String>,
+    /// The W3C `traceparent` of the request (or of the event that caused
+    /// this one), when known.
+    pub traceparent: Option<String>,
 }
 
 /// One event as stored in the stream, with its envelope decoded and checked.
@@ -50,6 +55,8 @@ pub struct RecordedEvent {
     pub causation_id: String,
     /// The `Actor` header: who asked, when known.
     pub actor: Option<String>,
+    /// The `traceparent` header, when the event has one.
+    pub traceparent: Option<String>,
     pub payload: Bytes,
 }
 
@@ -141,11 +148,14 @@ pub(crate) fn headers_for(
     if let Some(actor) = &meta.actor {
         h.insert(HEADER_ACTOR, actor.as_str());
     }
+    if let Some(tp) = &meta.traceparent {
+        h.insert(HEADER_TRACEPARENT, tp.as_str());
+    }
     h
 }
 
 /// The envelope's headers, in this order.
-const ENVELOPE_HEADERS: [&str; 7] = [
+const ENVELOPE_HEADERS: [&str; 8] = [
     HEADER_MSG_ID,
     HEADER_EVENT_TYPE,
     HEADER_EVENT_SCHEMA,
@@ -153,13 +163,14 @@ const ENVELOPE_HEADERS: [&str; 7] = [
     HEADER_CORRELATION_ID,
     HEADER_CAUSATION_ID,
     HEADER_ACTOR,
+    HEADER_TRACEPARENT,
 ];
 
 /// The first value of each envelope header, in one pass over the map:
 /// `HeaderMap::get` parses and hashes the name on every call, and six calls
 /// per event showed in catch-up profiles.
-fn envelope_headers(h: Option<&HeaderMap>) -> [Option<&str>; 7] {
-    let mut out = [None; 7];
+fn envelope_headers(h: Option<&HeaderMap>) -> [Option<&str>; 8] {
+    let mut out = [None; 8];
     for (name, values) in h.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
         if let Some(i) = ENVELOPE_HEADERS.iter().position(|n| *n == name)
@@ -199,6 +210,7 @@ impl RecordedEvent {
             correlation_id,
             causation_id,
             actor,
+            traceparent,
         ] = envelope_headers(headers);
         let event_type = required(event_type, HEADER_EVENT_TYPE)?.to_string();
         let schema_text = required(schema, HEADER_EVENT_SCHEMA)?;
@@ -222,6 +234,7 @@ impl RecordedEvent {
             correlation_id: required(correlation_id, HEADER_CORRELATION_ID)?.to_string(),
             causation_id: required(causation_id, HEADER_CAUSATION_ID)?.to_string(),
             actor: actor.map(str::to_string),
+            traceparent: traceparent.map(str::to_string),
             payload,
         })
     }

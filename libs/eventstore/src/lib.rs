@@ -29,8 +29,8 @@ pub use codec::{DecodeError, postcard_payload};
 pub use connect::{ConnectCheckError, connect_checked, shown_urls, with_credentials};
 pub use envelope::{
     EncodedEvent, EnvelopeError, HEADER_ACTOR, HEADER_CAUSATION_ID, HEADER_CORRELATION_ID,
-    HEADER_EVENT_SCHEMA, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, Metadata, RecordedEvent, Subjects,
-    format_rfc3339, parse_rfc3339,
+    HEADER_EVENT_SCHEMA, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, HEADER_TRACEPARENT, Metadata,
+    RecordedEvent, Subjects, format_rfc3339, parse_rfc3339,
 };
 pub use repository::{Aggregate, ExecuteError, Executed, Loaded, Repository};
 pub use store::{

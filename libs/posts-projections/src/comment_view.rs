@@ -480,6 +480,7 @@ mod tests {
                 correlation_id: format!("c{seq}"),
                 causation_id: format!("c{seq}"),
                 actor: None,
+                traceparent: None,
                 payload: bytes::Bytes::from(payload),
             }),
         }

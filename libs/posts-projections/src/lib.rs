@@ -145,6 +145,7 @@ fn incoming_at(seq: u64, id: &str, at_s: i64, event: &Event) -> Incoming {
             correlation_id: format!("c{seq}"),
             causation_id: format!("c{seq}"),
             actor: None,
+            traceparent: None,
             payload: bytes::Bytes::from(payload),
         }),
     }

@@ -735,6 +735,7 @@ mod tests {
                 correlation_id: String::new(),
                 causation_id: String::new(),
                 actor: None,
+                traceparent: None,
                 payload: bytes::Bytes::from(payload),
             }),
         }

@@ -431,7 +431,45 @@ pub fn metadata(headers: &HeaderMap) -> Result<Metadata, Problem> {
         causation_id: uuid::Uuid::now_v7().to_string(),
         event_id: None,
         actor,
+        traceparent: Some(traceparent(headers)),
     })
+}
+
+/// The request's W3C `traceparent` when it is a valid one, else a new trace
+/// (a request without one starts a trace, as W3C Trace Context says an
+/// invalid one must be treated: restart).
+#[must_use]
+pub fn traceparent(headers: &HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| valid_traceparent(v))
+        .map_or_else(new_traceparent, str::to_string)
+}
+
+fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let [version, trace, parent, flags] = parts.as_slice() else {
+        return false;
+    };
+    *version == "00"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+}
+
+fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &span[..16])
 }
 
 /// A command's answer: `body` as JSON with `ETag: "<version>"`, the
@@ -458,4 +496,29 @@ pub fn ack(
         h.insert("x-correlation-id", v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_traceparent_is_kept_and_anything_else_starts_a_trace() {
+        let mut h = HeaderMap::new();
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", HeaderValue::from_static(given));
+        assert_eq!(traceparent(&h), given);
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            h.insert("traceparent", HeaderValue::from_static(bad));
+            let made = traceparent(&h);
+            assert_ne!(made, bad);
+            assert!(valid_traceparent(&made), "{made}");
+        }
+        assert!(valid_traceparent(&traceparent(&HeaderMap::new())));
+    }
 }

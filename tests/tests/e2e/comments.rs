@@ -437,6 +437,7 @@ async fn a_comment_appended_after_its_post_was_deleted_is_removed_too() -> anyho
         causation_id: "late".into(),
         event_id: None,
         actor: None,
+        traceparent: None,
     };
     store
         .append(
@@ -677,6 +678,7 @@ async fn a_verify_mismatch_has_its_own_exit_code_and_keeps_the_live_store() -> a
                 correlation_id: "c".into(),
                 causation_id: "c".into(),
                 actor: None,
+                traceparent: None,
                 payload: bytes::Bytes::from(payload),
             }),
         };

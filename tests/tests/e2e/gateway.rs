@@ -350,9 +350,20 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
     let wrong_method = Reply::of(http.put(env.url("/posts"))).await?;
     wrong_method.assert_problem(405, "method");
 
+    // A live comment, then the post's deletion with a trace context: the
+    // cascade's removal continues that trace.
+    let live = Reply::of(
+        http.post(env.url(&format!("/posts/{id}/comments")))
+            .header("authorization", format!("Bearer {}", token("bob")))
+            .json(&json!({"body": "still here", "author_name": "bo"})),
+    )
+    .await?;
+    assert_eq!(live.status, 201, "{live:?}");
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let deleted = Reply::of(
         http.delete(env.url(&format!("/posts/{id}")))
-            .header("authorization", &bearer),
+            .header("authorization", &bearer)
+            .header("traceparent", trace),
     )
     .await?;
     assert_eq!(deleted.ack(200).version, 3);
@@ -373,7 +384,29 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
         msg_header(&events[1], "Correlation-Id"),
         Some(generated.as_str())
     );
+    // W3C trace context: the one sent, or a new trace per request.
+    assert_eq!(msg_header(&events[2], "traceparent"), Some(trace));
+    let made = msg_header(&events[0], "traceparent").unwrap_or_default();
+    assert!(
+        made.starts_with("00-") && made.len() == 55 && made != trace,
+        "{made}"
+    );
     let comments = StreamReader::connect_to(&env.nats.url(), "COMMENTS").await?;
+    let removal = e2e_tests::wait_for("the cascade's removal", Duration::from_secs(30), || async {
+        let msgs = comments.all_messages().await.ok()?;
+        msgs.into_iter().find(|m| {
+            msg_header(m, "Event-Type") == Some("CommentRemoved")
+                && msg_header(m, "Causation-Id") != msg_header(m, "Correlation-Id")
+                && m.subject
+                    .ends_with(live.json()["comment_id"].as_str().unwrap_or("?"))
+        })
+    })
+    .await?;
+    assert_eq!(
+        msg_header(&removal, "traceparent"),
+        Some(trace),
+        "the cascade continues the trace"
+    );
     let comment_events = comments.all_messages().await?;
     assert_eq!(msg_header(&comment_events[0], "Actor"), Some("bob"));
     assert_eq!(
