@@ -118,11 +118,12 @@ fn rejection_problem(rejection: &Rejection, post_id: &str, comment_id: &str) -> 
             "exists",
             format!("comment {comment_id} already exists"),
         ),
-        Rejection::Invalid { .. } => Problem::new(
+        Rejection::Invalid { field, .. } => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "out-of-bounds",
             rejection.to_string(),
-        ),
+        )
+        .with_field(field),
     }
 }
 

@@ -109,11 +109,12 @@ fn rejection_problem(rejection: &Rejection, post_id: &str) -> Problem {
             "empty-update",
             rejection.to_string(),
         ),
-        Rejection::Invalid { .. } => Problem::new(
+        Rejection::Invalid { field, .. } => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "out-of-bounds",
             rejection.to_string(),
-        ),
+        )
+        .with_field(field),
     }
 }
 

@@ -256,7 +256,8 @@ impl<A: Aggregate> CommandHost<A> {
                 StatusCode::PRECONDITION_FAILED,
                 "version-mismatch",
                 format!("{noun} {id} is at version {actual}, If-Match asked for {expected}"),
-            ),
+            )
+            .with_current_version(actual),
             ExecuteError::TooManyConflicts(n) => Problem::new(
                 StatusCode::CONFLICT,
                 "conflict",

@@ -26,8 +26,12 @@ pub struct Problem {
     /// A stable slug: the `type` is `urn:problem:<slug>`.
     pub slug: &'static str,
     pub detail: String,
-    /// Seconds for `Retry-After`, on 503s.
+    /// Seconds for `Retry-After`, on 503s (also `retry_after_ms` in the body).
     pub retry_after_secs: Option<u64>,
+    /// On a 412: the version the aggregate is at.
+    pub current_version: Option<u64>,
+    /// On a 422: the field out of bounds.
+    pub field: Option<&'static str>,
 }
 
 /// The body of every error answer, `application/problem+json` (RFC 9457):
@@ -47,6 +51,15 @@ pub struct ProblemDocument<'a> {
     /// What exactly is wrong, for a human.
     #[schema(example = "post 0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00 not found")]
     pub detail: &'a str,
+    /// On a 412: the version the aggregate is at now (send it as If-Match).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+    /// On a 422: which field is out of bounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'a str>,
+    /// On a 503: when to retry, as `Retry-After` says, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Problem {
@@ -57,7 +70,23 @@ impl Problem {
             slug,
             detail: detail.into(),
             retry_after_secs: None,
+            current_version: None,
+            field: None,
         }
+    }
+
+    /// With the aggregate's current version (a 412's `current_version`).
+    #[must_use]
+    pub fn with_current_version(mut self, version: u64) -> Self {
+        self.current_version = Some(version);
+        self
+    }
+
+    /// With the field out of bounds (a 422's `field`).
+    #[must_use]
+    pub fn with_field(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
     }
 
     /// A 503 that tells the client when to come back.
@@ -88,6 +117,9 @@ impl IntoResponse for Problem {
             title: self.status.canonical_reason().unwrap_or("error"),
             status: self.status.as_u16(),
             detail: &self.detail,
+            current_version: self.current_version,
+            field: self.field,
+            retry_after_ms: self.retry_after_secs.map(|s| s * 1000),
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = (self.status, bytes).into_response();

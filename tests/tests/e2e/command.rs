@@ -246,7 +246,11 @@ async fn concurrent_pinned_updates_let_exactly_one_win() -> TestResult {
         match reply.status {
             200 => winners.push((i, reply.ack(200), reply.header("etag").map(str::to_string))),
             412 => {
-                reply.assert_problem(412, "version 2");
+                let doc = reply.assert_problem(412, "version 2");
+                assert_eq!(
+                    doc["current_version"], 2,
+                    "412 names the current version: {doc}"
+                );
                 n_412 += 1;
             }
             other => panic!("unexpected {other}: {reply:?}"),
@@ -551,7 +555,8 @@ async fn bad_input_is_a_precise_problem_and_appends_nothing() -> TestResult {
         (create_body("t", " \n ", "a"), "content"),
     ];
     for (body, field) in &cases {
-        env.create(body).await?.assert_problem(422, field);
+        let doc = env.create(body).await?.assert_problem(422, field);
+        assert_eq!(doc["field"], *field, "422 names the field: {doc}");
     }
 
     // Size and media type. The unread body makes the server drop the

@@ -785,8 +785,10 @@ async fn bad_input_is_a_precise_problem_never_a_500() -> TestResult {
         vec![("min_seq", (post.seq + 1_000_000).to_string())],
     )
     .await?;
-    r.assert_problem(503, "not yet");
+    let doc = r.assert_problem(503, "not yet");
     assert!(r.header("retry-after").is_some(), "{r:?}");
+    let secs: u64 = r.header("retry-after").unwrap_or("0").parse()?;
+    assert_eq!(doc["retry_after_ms"], secs * 1000, "{doc}");
 
     get("/no/such/route", vec![])
         .await?
