@@ -395,6 +395,8 @@ fn decode_offset(cursor: &str) -> Result<usize, Problem> {
     tag = "posts",
     params(
         ("q" = String, Query, description = "The words to search for; \"a phrase\" in quotes."),
+        ("highlight_pre_tag" = Option<String>, Query, max_length = 64, description = "Put before each highlighted word instead of <b> (at most 64 bytes)."),
+        ("highlight_post_tag" = Option<String>, Query, max_length = 64, description = "Put after each highlighted word instead of </b>."),
         ("author_name" = Option<String>, Query, description = "Only this author's posts."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 20."),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page."),
@@ -411,7 +413,22 @@ async fn search(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    servicekit::only_params(&params, &["q", "author_name", "limit", "cursor", "min_seq"])?;
+    servicekit::only_params(
+        &params,
+        &[
+            "q",
+            "author_name",
+            "limit",
+            "cursor",
+            "min_seq",
+            "highlight_pre_tag",
+            "highlight_post_tag",
+        ],
+    )?;
+    let tags = (
+        highlight_tag(&params, "highlight_pre_tag")?,
+        highlight_tag(&params, "highlight_post_tag")?,
+    );
     let limit = limit(&params)?;
     let q = params
         .get("q")
@@ -447,12 +464,49 @@ async fn search(
         }
         SearchError::Index(_) => Problem::internal(&e),
     })?;
+    let mut hits = results.hits;
+    if tags.0.is_some() || tags.1.is_some() {
+        // The snippets' text is HTML-escaped: a literal `<b>` or `</b>` in
+        // them can only be a marker.
+        let (pre, post) = (
+            tags.0.as_deref().unwrap_or("<b>"),
+            tags.1.as_deref().unwrap_or("</b>"),
+        );
+        for hit in &mut hits {
+            for v in hit.highlights.values_mut() {
+                *v = v
+                    .replace("<b>", "\u{0}")
+                    .replace("</b>", post)
+                    .replace('\u{0}', pre);
+            }
+        }
+    }
     Ok(Json(SearchPage {
-        data: results.hits,
+        data: hits,
         total: results.total,
         next_cursor: results.next_offset.map(|o| format!("o{o}")),
     })
     .into_response())
+}
+
+/// Longest highlight tag.
+const HIGHLIGHT_TAG_BYTES_MAX: usize = 64;
+
+/// A highlight tag from `name`: at most 64 bytes, no control characters;
+/// inserted as given (it is the client's markup), around escaped text.
+fn highlight_tag(params: &HashMap<String, String>, name: &str) -> Result<Option<String>, Problem> {
+    match params.get(name) {
+        None => Ok(None),
+        Some(tag) if tag.len() <= HIGHLIGHT_TAG_BYTES_MAX && !tag.chars().any(char::is_control) => {
+            Ok(Some(tag.clone()))
+        }
+        Some(_) => Err(bad(
+            "invalid-highlight-tag",
+            format!(
+                "{name} must be at most {HIGHLIGHT_TAG_BYTES_MAX} bytes, without control characters"
+            ),
+        )),
+    }
 }
 
 /// A page of search hits, serialised straight from them: a `json!` tree

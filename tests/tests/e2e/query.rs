@@ -587,6 +587,40 @@ async fn search_folds_accents_and_case_on_both_sides() -> TestResult {
         .as_str()
         .unwrap_or_default();
     assert!(content.contains("<b>résumé</b>"), "{v}");
+    // A quoted phrase matches exactly: folded, but no typo tolerance in it.
+    assert_eq!(
+        hit_ids(&search(&env, "\"cafe society\"", &[], seq).await),
+        [cafe.post_id.clone()]
+    );
+    assert!(hit_ids(&search(&env, "\"cafe societi\"", &[], seq).await).is_empty());
+    assert_eq!(
+        hit_ids(&search(&env, "cafe societi", &[("author_name", "zoé")], seq).await),
+        [cafe.post_id.clone()]
+    );
+    // Tags of the client's choosing, around the same escaped text.
+    let tagged = search(
+        &env,
+        "cafe",
+        &[
+            ("author_name", "zoé"),
+            ("highlight_pre_tag", "<mark class=\"hit\">"),
+            ("highlight_post_tag", "</mark>"),
+        ],
+        seq,
+    )
+    .await;
+    assert_eq!(
+        tagged["data"][0]["highlights"]["title"], "<mark class=\"hit\">Café</mark> society",
+        "{tagged}"
+    );
+    let long = "x".repeat(65);
+    let r = Reply::of(
+        env.http
+            .get(env.q("/posts/search"))
+            .query(&[("q", "cafe"), ("highlight_pre_tag", long.as_str())]),
+    )
+    .await?;
+    r.assert_problem(400, "highlight_pre_tag must be at most 64 bytes");
     Ok(())
 }
 
