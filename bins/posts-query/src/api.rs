@@ -454,7 +454,12 @@ async fn search(
     // future, but the blocking search runs on, and must keep its slot.
     let results = blocking(move || {
         let _slot = slot;
-        reader.search(&q, author.as_deref(), limit, offset)
+        let started = std::time::Instant::now();
+        let found = reader.search(&q, author.as_deref(), limit, offset);
+        telemetry::metrics()
+            .search_duration
+            .observe(started.elapsed().as_secs_f64());
+        found
     })
     .await?
     .map_err(|e| match e {
@@ -772,6 +777,24 @@ pub(crate) async fn refresh_metrics(state: &AppState) {
             snap.parked,
             code(shown),
         );
+    }
+    let dlq = tokio::time::timeout(STREAM_INFO_TIMEOUT, async {
+        let mut stream = state
+            .inner
+            .store
+            .jetstream()
+            .get_stream(eventstore::dlq_spec(1).name)
+            .await
+            .ok()?;
+        stream.info().await.ok().map(|i| i.state.messages)
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some(n) = dlq {
+        telemetry::metrics()
+            .dlq_messages
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     let side = &state.inner.comments;
     let snap = side.status.snapshot();

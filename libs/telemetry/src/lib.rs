@@ -23,7 +23,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Every family: name, type, help. A family with no series yet is still
 /// written out (its HELP and TYPE lines), so it is there from start-up.
-const FAMILIES: [(&str, &str, &str); 9] = [
+const FAMILIES: [(&str, &str, &str); 11] = [
     (
         "http_requests",
         "counter",
@@ -68,6 +68,16 @@ const FAMILIES: [(&str, &str, &str); 9] = [
         "projection_state",
         "gauge",
         "0 running, 1 rebuilding, 2 halted",
+    ),
+    (
+        "search_duration_seconds",
+        "histogram",
+        "Time to run one full-text search, parsing to page",
+    ),
+    (
+        "dlq_messages",
+        "gauge",
+        "Messages in stream DLQ: parked events of every projection",
     ),
 ];
 
@@ -127,6 +137,8 @@ pub struct Metrics {
     pub projection_parked: Family<ProjectionLabels, Counter>,
     /// 0 running, 1 rebuilding, 2 halted.
     pub projection_state: Family<ProjectionLabels, Gauge>,
+    pub search_duration: Histogram,
+    pub dlq_messages: Gauge,
     refreshers: Mutex<Vec<Refresher>>,
 }
 
@@ -144,6 +156,8 @@ impl Metrics {
         let projection_applied = Family::<ProjectionLabels, Counter>::default();
         let projection_parked = Family::<ProjectionLabels, Counter>::default();
         let projection_state = Family::<ProjectionLabels, Gauge>::default();
+        let search_duration = seconds_histogram();
+        let dlq_messages = Gauge::default();
         registry.register(
             "http_requests",
             help("http_requests"),
@@ -189,6 +203,12 @@ impl Metrics {
             help("projection_state"),
             projection_state.clone(),
         );
+        registry.register(
+            "search_duration_seconds",
+            help("search_duration_seconds"),
+            search_duration.clone(),
+        );
+        registry.register("dlq_messages", help("dlq_messages"), dlq_messages.clone());
         Self {
             registry,
             http_requests,
@@ -200,6 +220,8 @@ impl Metrics {
             projection_applied,
             projection_parked,
             projection_state,
+            search_duration,
+            dlq_messages,
             refreshers: Mutex::new(Vec::new()),
         }
     }
@@ -301,6 +323,8 @@ mod tests {
             "projection_applied_events",
             "projection_parked_events",
             "projection_state",
+            "search_duration_seconds",
+            "dlq_messages",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -11,7 +11,7 @@ use e2e_tests::{
 };
 use serde_json::json;
 
-const FAMILIES: [&str; 9] = [
+const FAMILIES: [&str; 11] = [
     "http_requests",
     "http_request_duration_seconds",
     "eventstore_append_duration_seconds",
@@ -21,6 +21,8 @@ const FAMILIES: [&str; 9] = [
     "projection_applied_events",
     "projection_parked_events",
     "projection_state",
+    "search_duration_seconds",
+    "dlq_messages",
 ];
 
 async fn scrape(
@@ -167,5 +169,10 @@ async fn every_service_serves_its_metrics_and_lag_falls_to_zero() -> anyhow::Res
         )
         .is_some()
     );
+    assert_eq!(value(&s, "dlq_messages", &[]), Some(0.0));
+    let r = Reply::of(http.get(format!("{query}/posts/search?q=t"))).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let (text, _) = scrape(&http, &query).await?;
+    assert!(text.contains("search_duration_seconds_count 1"), "{text}");
     Ok(())
 }
