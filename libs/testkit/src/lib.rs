@@ -561,11 +561,12 @@ impl ServiceProcess {
         let path = bin_path(&self.name);
         let child = Command::new(&path)
             .args(&self.args)
-            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // The caller's own (a RUST_LOG of its own included) win.
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())

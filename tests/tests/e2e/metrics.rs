@@ -176,3 +176,55 @@ async fn every_service_serves_its_metrics_and_lag_falls_to_zero() -> anyhow::Res
     assert!(text.contains("search_duration_seconds_count 1"), "{text}");
     Ok(())
 }
+
+/// A `traceparent` on a command reaches its event, and the projection's
+/// apply of that event is recorded with the same trace id (in the logs:
+/// target `projection::trace`, debug level; no OTLP collector here).
+#[tokio::test]
+async fn a_traceparent_reaches_the_event_and_the_projections_apply() -> anyhow::Result<()> {
+    let nats = start_nats().await?;
+    let url = nats.url();
+    let posts = e2e_tests::InProcessService::start_command(&url).await?;
+    let dir = tempfile::tempdir()?;
+    let port = testkit::free_port();
+    let args = e2e_tests::query_args(&url, port, dir.path());
+    let mut envs = e2e_tests::service_credentials("posts-query");
+    envs.push(("RUST_LOG".into(), "info,projection::trace=debug".into()));
+    let query = tokio::task::spawn_blocking(move || {
+        testkit::ServiceProcess::spawn("posts-query", &args, &envs, port)
+    })
+    .await??;
+    e2e_tests::wait_listening(&query, port).await?;
+    let http = http_client();
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let r = Reply::of(
+        http.post(format!("{}/posts", posts.base_url))
+            .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+            .json(&json!({"title": "traced", "content": "c", "author_name": "ann"})),
+    )
+    .await?;
+    let ack = r.ack(201);
+    let stream = e2e_tests::StreamReader::connect(&url).await?;
+    let msgs = stream.all_messages().await?;
+    assert_eq!(
+        e2e_tests::msg_header(&msgs[0], "traceparent"),
+        Some(format!("00-{trace_id}-b7ad6b7169203331-01").as_str())
+    );
+    for projection in ["post-view", "post-search"] {
+        wait_for(
+            &format!("{projection}'s apply in trace {trace_id}"),
+            Duration::from_secs(30),
+            || {
+                let found = query.log().lines().any(|l| {
+                    l.contains("applied")
+                        && l.contains(trace_id)
+                        && l.contains(projection)
+                        && l.contains(&format!("seq={}", ack.seq))
+                });
+                async move { found.then_some(()) }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}

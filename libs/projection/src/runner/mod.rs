@@ -455,6 +455,9 @@ async fn supervise(
                     .collect();
                 projection.set_backlog(pending_after);
                 let r = projection.apply_batch(&items);
+                if r.is_ok() {
+                    trace_links(projection.name(), &items);
+                }
                 // The last runner done with a batch frees it, here rather
                 // than on the runtime's threads.
                 drop(items);
@@ -644,4 +647,34 @@ async fn recover(
         status.set_error(Some(e.0));
     }
     Some(p)
+}
+
+/// The apply of a batch, linked to the trace of each event it applied: a
+/// batch mixes traces, so each event's trace id is recorded with the batch
+/// rather than made its parent. At debug level under target
+/// `projection::trace` (`RUST_LOG=projection::trace=debug`); checked once
+/// per batch, so it costs nothing when off.
+fn trace_links(projection: &str, items: &[&Incoming]) {
+    if !tracing::enabled!(target: "projection::trace", tracing::Level::DEBUG) {
+        return;
+    }
+    for item in items {
+        let Ok(event) = &item.envelope else { continue };
+        let Some(tp) = event.traceparent.as_deref() else {
+            continue;
+        };
+        let mut parts = tp.split('-');
+        let (Some(_), Some(trace_id), Some(span_id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        tracing::debug!(
+            target: "projection::trace",
+            projection,
+            seq = item.seq,
+            trace_id,
+            linked_span_id = span_id,
+            "applied"
+        );
+    }
 }
