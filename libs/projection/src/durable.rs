@@ -232,9 +232,28 @@ impl Durable {
                 ) {
                     Ok(event) => event,
                     Err(e) => {
-                        tracing::error!(consumer = name, seq, error = %e, "not an event; skipped");
+                        // Parked to DLQ (`dlq.<consumer>.<STREAM>.<seq>`)
+                        // before the ack: a copy that did not make it is
+                        // redelivered, and parked then.
+                        let mut queue = vec![crate::Parked {
+                            seq,
+                            reason: e.to_string(),
+                        }];
+                        crate::runner::dlq::deliver_dlq(&self.store, &name, &mut queue).await;
+                        if !queue.is_empty() {
+                            tracing::warn!(
+                                consumer = name,
+                                seq,
+                                "poison event not parked yet; it will be redelivered"
+                            );
+                            if pause(&mut stop, RETRY_PAUSE).await {
+                                return;
+                            }
+                            break;
+                        }
+                        tracing::error!(consumer = name, seq, error = %e, "not an event; parked to DLQ");
                         self.status.poison.fetch_add(1, Ordering::Relaxed);
-                        let _ = msg.ack().await;
+                        let _ = msg.double_ack().await;
                         continue;
                     }
                 };

@@ -700,3 +700,55 @@ async fn a_verify_mismatch_has_its_own_exit_code_and_keeps_the_live_store() -> a
     assert_eq!(reader.digest()?, before, "the live store was replaced");
     Ok(())
 }
+
+/// A poison message on `POSTS` (no envelope) is parked by the process
+/// manager to `dlq.post-deleted-cascade.POSTS.<seq>` with its reason, counted,
+/// and passed over: the next deletion still cascades.
+#[tokio::test]
+async fn the_cascade_parks_a_poison_event_to_dlq_and_goes_on() -> anyhow::Result<()> {
+    let env = Env::start().await?;
+    let client = async_nats::connect(&env.nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let ack = js
+        .publish(
+            format!("posts.{}", uuid::Uuid::now_v7()),
+            bytes::Bytes::from_static(b"not an event"),
+        )
+        .await?
+        .await?;
+    let poison_seq = ack.sequence;
+    let dlq = StreamReader::connect_to(&env.nats_url, "DLQ").await?;
+    let parked = wait_for("the poison event in DLQ", CASCADE_DEADLINE, || async {
+        let msgs = dlq.all_messages().await.ok()?;
+        msgs.into_iter()
+            .find(|m| m.subject.as_str() == format!("dlq.post-deleted-cascade.POSTS.{poison_seq}"))
+    })
+    .await?;
+    assert!(
+        msg_header(&parked, "Parked-Reason").is_some_and(|r| !r.is_empty()),
+        "{:?}",
+        parked.headers
+    );
+    assert_eq!(parked.payload.as_ref(), b"not an event");
+    // It goes on: a deleted post's comment is still removed.
+    let post_id = env.new_post().await?;
+    let comment = env.new_comment(&post_id, "bo").await?;
+    let r = env.delete_post(&post_id).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_for("the removal after the poison", CASCADE_DEADLINE, || async {
+        let msgs = env.stream.all_messages().await.ok()?;
+        msgs.iter()
+            .any(|m| {
+                m.subject.ends_with(&comment)
+                    && msg_header(m, "Event-Type") == Some("CommentRemoved")
+            })
+            .then_some(())
+    })
+    .await?;
+    let r = Reply::of(env.http.get(env.url("/projections"))).await?;
+    let poison: u64 = r.json()["data"][0]["sources"]
+        .as_array()
+        .map_or(0, |s| s.iter().filter_map(|x| x["poison"].as_u64()).sum());
+    assert_eq!(poison, 1, "{r:?}");
+    Ok(())
+}

@@ -49,7 +49,7 @@ pub(super) async fn reconcile_dlq(
 /// The copy is the stream's own message, read back by sequence: subject,
 /// headers and payload exactly as stored, and the runner keeps no raw
 /// headers for the events it applies (parking is rare; receiving is not).
-pub(super) async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<Parked>) {
+pub(crate) async fn deliver_dlq(store: &EventStore, name: &str, queue: &mut Vec<Parked>) {
     if queue.is_empty() {
         return;
     }

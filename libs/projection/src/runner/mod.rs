@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use crate::status::{ProjectionState, Status};
 use crate::{Incoming, Parked, Projection};
 
-mod dlq;
+pub(crate) mod dlq;
 mod feed;
 mod fetch;
 mod ranges;
