@@ -112,10 +112,14 @@ impl Subjects {
 /// views keep.
 #[must_use]
 pub fn format_rfc3339(at: OffsetDateTime) -> String {
+    // One shape everywhere: UTC, `Z`, always six fractional digits (the
+    // well-known RFC 3339 format trims trailing zeros, so lengths varied).
+    const MICROS: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
     let at = at.to_offset(time::UtcOffset::UTC);
-    let micros = at.microsecond();
-    let at = at.replace_nanosecond(micros * 1000).unwrap_or(at);
-    at.format(&Rfc3339)
+    at.format(MICROS)
+        .or_else(|_| at.format(&Rfc3339))
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 

@@ -226,6 +226,54 @@ async fn every_public_path_is_routed_and_writes_carry_actor_and_correlation() ->
         .await?;
     assert_eq!(comment.status, 200, "{comment:?}");
     assert_eq!(comment.header("etag"), Some("\"1\""));
+    // Both reads of one item: the same shape. Ids first, then the fields,
+    // then the times (UTC, six fractional digits) and the version.
+    let order = |body: &str, keys: &[&str]| {
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| body.find(&format!("\"{k}\":")).unwrap_or(usize::MAX))
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{keys:?} in {body}");
+    };
+    order(
+        &one.body,
+        &[
+            "post_id",
+            "title",
+            "content",
+            "author_name",
+            "created_at",
+            "updated_at",
+            "version",
+        ],
+    );
+    order(
+        &comment.body,
+        &[
+            "comment_id",
+            "post_id",
+            "body",
+            "author_name",
+            "created_at",
+            "updated_at",
+            "version",
+        ],
+    );
+    for (reply, field) in [
+        (&one, "created_at"),
+        (&one, "updated_at"),
+        (&comment, "created_at"),
+    ] {
+        let t = reply.json()["data"][field]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let b = t.as_bytes();
+        assert!(
+            t.len() == 27 && b[10] == b'T' && b[19] == b'.' && t.ends_with('Z'),
+            "{field}: {t:?}"
+        );
+    }
     let unchanged = Reply::of(
         http.patch(env.url(&format!("/posts/{id}/comments/{comment_id}")))
             .header("authorization", format!("Bearer {}", token("bob")))
