@@ -20,6 +20,7 @@ mod procfs;
 mod read;
 mod replay;
 mod report;
+mod reports;
 mod write;
 
 use std::path::{Path, PathBuf};

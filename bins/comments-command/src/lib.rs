@@ -130,28 +130,22 @@ pub async fn connect(config: &Config) -> anyhow::Result<AppState> {
             cascade,
         }),
     };
-    // The process manager in `/metrics`; held weakly, as a stopped service
-    // must let go of its connections.
-    let inner = Arc::downgrade(&state.inner);
-    telemetry::on_scrape(move || {
-        let inner = inner.upgrade();
-        async move {
-            let Some(inner) = inner else { return };
-            let snap = inner.cascade.snapshot().await;
-            let sum = |field: &str| {
-                snap["sources"]
-                    .as_array()
-                    .map_or(0, |s| s.iter().filter_map(|x| x[field].as_u64()).sum())
-            };
-            let state = if snap["last_error"].is_null() { 0 } else { 2 };
-            telemetry::metrics().set_projection(
-                cascade::NAME,
-                snap["lag"].as_u64().unwrap_or(0),
-                sum("handled"),
-                sum("poison"),
-                state,
-            );
-        }
+    // The process manager in `/metrics`.
+    telemetry::on_scrape_of(&state.inner, |inner| async move {
+        let snap = inner.cascade.snapshot().await;
+        let sum = |field: &str| {
+            snap["sources"]
+                .as_array()
+                .map_or(0, |s| s.iter().filter_map(|x| x[field].as_u64()).sum())
+        };
+        let state = if snap["last_error"].is_null() { 0 } else { 2 };
+        telemetry::metrics().set_projection(
+            cascade::NAME,
+            snap["lag"].as_u64().unwrap_or(0),
+            sum("handled"),
+            sum("poison"),
+            state,
+        );
     });
     Ok(state)
 }

@@ -245,6 +245,14 @@ impl Gateway {
     }
 }
 
+/// `?<query>` of `req`, or nothing.
+fn query_suffix(req: &Request) -> String {
+    req.uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default()
+}
+
 fn path_and_query(req: &Request) -> String {
     req.uri().path_and_query().map_or_else(
         || req.uri().path().to_string(),
@@ -296,11 +304,7 @@ async fn projections(
             .into_response();
         }
     };
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
+    let query = query_suffix(&req);
     gw.pass(
         gw.upstream(target),
         format!("/projections{query}"),
@@ -334,11 +338,7 @@ async fn admin(
         )
         .into_response();
     };
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
+    let query = query_suffix(&req);
     gw.pass(upstream, format!("/admin/{rest}{query}"), Some(sub), req)
         .await
 }

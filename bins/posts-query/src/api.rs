@@ -302,12 +302,11 @@ async fn get_post(
         .map_err(view_problem)?;
     match row {
         Some(r) if !r.deleted || include_deleted => {
-            let etag = format!("\"{}\"", r.version);
-            let mut resp = Json(PostOne { data: dto(id, r) }).into_response();
-            if let Ok(v) = axum::http::HeaderValue::from_str(&etag) {
-                resp.headers_mut().insert(axum::http::header::ETAG, v);
-            }
-            Ok(resp)
+            let version = r.version;
+            Ok(servicekit::with_etag(
+                Json(PostOne { data: dto(id, r) }).into_response(),
+                version,
+            ))
         }
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,

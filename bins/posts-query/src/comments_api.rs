@@ -165,17 +165,13 @@ pub(crate) async fn get_one(
         .await?
         .map_err(view_problem)?;
     match row {
-        Some(row) if !row.removed => {
-            let etag = format!("\"{}\"", row.version);
-            let mut resp = Json(CommentOne {
+        Some(row) if !row.removed => Ok(servicekit::with_etag(
+            Json(CommentOne {
                 data: dto(&comment_id, &row),
             })
-            .into_response();
-            if let Ok(v) = axum::http::HeaderValue::from_str(&etag) {
-                resp.headers_mut().insert(axum::http::header::ETAG, v);
-            }
-            Ok(resp)
-        }
+            .into_response(),
+            row.version,
+        )),
         _ => Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",

@@ -99,15 +99,8 @@ pub async fn start(config: &Config, listen: SocketAddr) -> anyhow::Result<AppSta
     let lock = DataDirLock::acquire(&config.data_dir, listen, admin.local_addr()?)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
     let state = AppState::open(store, lock, admin, &config.data_dir, &config.nats_urls())?;
-    // Held weakly: a stopped service's stores close, its series stop moving.
-    let inner = std::sync::Arc::downgrade(&state.inner);
-    telemetry::on_scrape(move || {
-        let inner = inner.upgrade();
-        async move {
-            if let Some(inner) = inner {
-                api::refresh_metrics(&AppState { inner }).await;
-            }
-        }
+    telemetry::on_scrape_of(&state.inner, |inner| async move {
+        api::refresh_metrics(&AppState { inner }).await;
     });
     Ok(state)
 }

@@ -161,15 +161,8 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
             _lock: lock,
         }),
     };
-    // Held weakly: a stopped service's store closes, its series stop moving.
-    let inner = Arc::downgrade(&state.inner);
-    telemetry::on_scrape(move || {
-        let inner = inner.upgrade();
-        async move {
-            if let Some(inner) = inner {
-                api::refresh_metrics(&AppState { inner }).await;
-            }
-        }
+    telemetry::on_scrape_of(&state.inner, |inner| async move {
+        api::refresh_metrics(&AppState { inner }).await;
     });
     Ok(state)
 }

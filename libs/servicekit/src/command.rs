@@ -483,11 +483,8 @@ pub fn ack(
     location: Option<&str>,
     meta: &Metadata,
 ) -> Response {
-    let mut resp = (status, axum::Json(body)).into_response();
+    let mut resp = crate::with_etag((status, axum::Json(body)).into_response(), version);
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        h.insert(header::ETAG, v);
-    }
     if let Some(location) = location
         && let Ok(v) = HeaderValue::from_str(location)
     {

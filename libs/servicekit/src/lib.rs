@@ -354,6 +354,15 @@ pub async fn no_query_params(
     next.run(req).await
 }
 
+/// `resp` with `ETag: "<version>"`: what a client sends back as `If-Match`.
+#[must_use]
+pub fn with_etag(mut resp: Response, version: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
 /// 404 for any route that does not exist, as a problem document.
 pub async fn no_route() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no-route", "no such route")

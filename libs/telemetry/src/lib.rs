@@ -276,6 +276,28 @@ where
     }
 }
 
+/// [`on_scrape`] for figures held by `owner`, which the refresher holds
+/// weakly: once the owner is dropped (a stopped service), its stores close
+/// and its series stop moving.
+pub fn on_scrape_of<T, F, Fut>(owner: &Arc<T>, refresh: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let weak = Arc::downgrade(owner);
+    let refresh = Arc::new(refresh);
+    on_scrape(move || {
+        let owner = weak.upgrade();
+        let refresh = refresh.clone();
+        async move {
+            if let Some(owner) = owner {
+                refresh(owner).await;
+            }
+        }
+    });
+}
+
 /// The text of every family, after running the refreshers.
 pub async fn render() -> String {
     let refreshers: Vec<Refresher> = metrics()

@@ -5,63 +5,31 @@
 //! outside its permissions (publish another context's events, create or
 //! delete streams), and anonymous connections are refused.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use e2e_tests::{
-    InProcessService, Reply, http_client, replay_args, run_replay, start_nats_with, wait_for,
+    InProcessService, Reply, dev_nats_password, dev_nats_passwords, http_client, nats_dir,
+    replay_args, run_replay, start_nats_with, wait_for,
 };
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn repo_file(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
-/// `nats/dev-users.env` as (variable, value) pairs.
-fn dev_passwords() -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(repo_file("nats/dev-users.env"))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
-
-/// `NATS_PASSWORD_<SERVICE>` for `user`.
-fn password(passwords: &[(String, String)], user: &str) -> String {
-    let var = format!(
-        "NATS_PASSWORD_{}",
-        user.to_ascii_uppercase().replace('-', "_")
-    );
-    passwords
-        .iter()
-        .find(|(k, _)| *k == var)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| panic!("{var} is not in nats/dev-users.env"))
-}
-
 struct Secured {
     nats: testkit::NatsServer,
-    passwords: Vec<(String, String)>,
 }
 
 impl Secured {
     async fn start() -> anyhow::Result<Self> {
-        let passwords = dev_passwords()?;
+        let passwords = dev_nats_passwords();
         let nats = start_nats_with(&testkit::NatsOptions {
-            include: Some(repo_file("nats/users.conf")),
+            include: Some(nats_dir().join("users.conf")),
             env: passwords.clone(),
             ..Default::default()
         })
         .await?;
-        Ok(Self { nats, passwords })
+        Ok(Self { nats })
     }
 
     /// The server's URL with `user`'s credentials.
@@ -69,7 +37,7 @@ impl Secured {
         eventstore::with_credentials(
             &[self.nats.url()],
             Some(user),
-            Some(&password(&self.passwords, user)),
+            Some(&dev_nats_password(user)),
         )
         .remove(0)
     }
@@ -85,7 +53,7 @@ impl Secured {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::with_user_and_password(
             user.to_string(),
-            password(&self.passwords, user),
+            dev_nats_password(user),
         )
         .custom_inbox_prefix(format!("_INBOX_{user}"))
         .event_callback(move |event| {
@@ -207,7 +175,7 @@ async fn every_service_does_its_work_under_its_own_nats_user() -> anyhow::Result
     .await?;
 
     // replay, online, under its own user (--nats-user/--nats-password).
-    let pw = password(&env.passwords, "replay");
+    let pw = dev_nats_password("replay");
     let run = run_replay(&replay_args(
         "post-view",
         &env.nats.url(),

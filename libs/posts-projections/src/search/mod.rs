@@ -281,6 +281,8 @@ mod count;
 mod read;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upsert_tests;
 mod write;
 
 use count::*;
