@@ -193,12 +193,18 @@ impl Reply {
         );
         let v = self.json();
         assert_eq!(v["status"].as_u64(), Some(u64::from(status)), "{v}");
+        // A registered type, as a reference to its page, with its own title.
+        let kind = v["type"].as_str().unwrap_or_default();
+        let registered = kind
+            .strip_prefix("/docs/problems/")
+            .and_then(servicekit::problem_type);
         assert!(
-            v["type"].as_str().is_some_and(|t| !t.is_empty()),
-            "problem type: {v}"
+            registered.is_some(),
+            "problem type {kind:?} is not registered: {v}"
         );
-        assert!(
-            v["title"].as_str().is_some_and(|t| !t.is_empty()),
+        assert_eq!(
+            v["title"].as_str(),
+            registered.map(|t| t.title),
             "problem title: {v}"
         );
         let detail = v["detail"].as_str().unwrap_or_default();

@@ -2,6 +2,8 @@
 //! Every test starts its own `nats-server` on a free port, so they run in
 //! parallel. Process-based tests need `cargo build --bins` first.
 
+#[path = "e2e/cli.rs"]
+mod cli;
 #[path = "e2e/command.rs"]
 mod command;
 #[path = "e2e/comments.rs"]

@@ -11,129 +11,16 @@
 
 pub mod command;
 pub mod idempotency;
+mod problem;
+
+pub use problem::{
+    PROBLEM_CONTENT_TYPE, PROBLEM_DOCS_PATH, PROBLEM_TYPES, Problem, ProblemDocument, ProblemType,
+    problem_page, problem_type,
+};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-
-pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
-
-/// An `application/problem+json` error document (RFC 9457).
-#[derive(Debug, Clone)]
-pub struct Problem {
-    pub status: StatusCode,
-    /// A stable slug: the `type` is `urn:problem:<slug>`.
-    pub slug: &'static str,
-    pub detail: String,
-    /// Seconds for `Retry-After`, on 503s (also `retry_after_ms` in the body).
-    pub retry_after_secs: Option<u64>,
-    /// On a 412: the version the aggregate is at.
-    pub current_version: Option<u64>,
-    /// On a 422: the field out of bounds.
-    pub field: Option<&'static str>,
-}
-
-/// The body of every error answer, `application/problem+json` (RFC 9457):
-/// the schema the OpenAPI document gives them.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ProblemDocument<'a> {
-    /// `urn:problem:<slug>`, stable: what a client matches on.
-    #[serde(rename = "type")]
-    #[schema(example = "urn:problem:not-found")]
-    pub kind: String,
-    /// The status's reason phrase.
-    #[schema(example = "Not Found")]
-    pub title: &'a str,
-    /// The HTTP status, again.
-    #[schema(example = 404)]
-    pub status: u16,
-    /// What exactly is wrong, for a human.
-    #[schema(example = "post 0190a0b4-7c1e-7a3f-9d2e-5b6c7d8e9f00 not found")]
-    pub detail: &'a str,
-    /// On a 412: the version the aggregate is at now (send it as If-Match).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub current_version: Option<u64>,
-    /// On a 422: which field is out of bounds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<&'a str>,
-    /// On a 503: when to retry, as `Retry-After` says, in milliseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after_ms: Option<u64>,
-}
-
-impl Problem {
-    #[must_use]
-    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            slug,
-            detail: detail.into(),
-            retry_after_secs: None,
-            current_version: None,
-            field: None,
-        }
-    }
-
-    /// With the aggregate's current version (a 412's `current_version`).
-    #[must_use]
-    pub fn with_current_version(mut self, version: u64) -> Self {
-        self.current_version = Some(version);
-        self
-    }
-
-    /// With the field out of bounds (a 422's `field`).
-    #[must_use]
-    pub fn with_field(mut self, field: &'static str) -> Self {
-        self.field = Some(field);
-        self
-    }
-
-    /// A 503 that tells the client when to come back.
-    #[must_use]
-    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
-        Self {
-            retry_after_secs: Some(retry_after_secs),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
-        }
-    }
-
-    /// A 500 whose cause is logged once and never shown.
-    #[must_use]
-    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; the cause is in the service log",
-        )
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = ProblemDocument {
-            kind: format!("urn:problem:{}", self.slug),
-            title: self.status.canonical_reason().unwrap_or("error"),
-            status: self.status.as_u16(),
-            detail: &self.detail,
-            current_version: self.current_version,
-            field: self.field,
-            retry_after_ms: self.retry_after_secs.map(|s| s * 1000),
-        };
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut resp = (self.status, bytes).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
-        );
-        if let Some(secs) = self.retry_after_secs {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
 
 /// Reads and parses a JSON body of at most `bytes_max` bytes: 415, 413 and
 /// 400 with a precise detail.
@@ -515,6 +402,11 @@ async fn problem_bodies(req: axum::extract::Request, next: axum::middleware::Nex
         .uri()
         .path_and_query()
         .map_or(req.uri().path().len(), |pq| pq.as_str().len());
+    if req.method() == axum::http::Method::GET
+        && let Some(page) = problem_page(req.uri().path())
+    {
+        return page;
+    }
     if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET {
         let text = telemetry::render().await;
         return (

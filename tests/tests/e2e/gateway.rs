@@ -618,6 +618,38 @@ async fn a_write_without_a_valid_token_gets_401_and_appends_nothing() -> anyhow:
     }
     assert_eq!(env.last_seqs().await?, before, "a refused write appended");
 
+    // A problem's type resolves, against the answer's URL, to its page on
+    // the gateway (RFC 9457: dereferenceable, human-readable).
+    let refused = Reply::of(http.post(env.url("/posts")).json(&writes[0].2)).await?;
+    let kind = refused.assert_problem(401, "bearer")["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let page = Reply::of(http.get(env.url(&kind))).await?;
+    assert_eq!(page.status, 200, "{kind}: {page:?}");
+    assert!(
+        page.header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/html")
+    );
+    assert!(
+        page.body.contains("Unauthorized") && page.body.contains("WWW-Authenticate"),
+        "{}",
+        page.body
+    );
+    let index = Reply::of(http.get(env.url("/docs/problems"))).await?;
+    assert_eq!(index.status, 200);
+    for t in servicekit::PROBLEM_TYPES {
+        assert!(
+            index.body.contains(&format!("/docs/problems/{}", t.slug)),
+            "{} missing",
+            t.slug
+        );
+    }
+    Reply::of(http.get(env.url("/docs/problems/no-such-type")))
+        .await?
+        .assert_problem(404, "no problem type");
+
     // Within the leeway, an expired token still passes.
     let late = hs256(&json!({"sub": "alice", "exp": now() - 2}), SECRET);
     let r = Reply::of(
