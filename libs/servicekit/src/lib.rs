@@ -402,21 +402,24 @@ async fn problem_bodies(req: axum::extract::Request, next: axum::middleware::Nex
         .uri()
         .path_and_query()
         .map_or(req.uri().path().len(), |pq| pq.as_str().len());
-    if req.method() == axum::http::Method::GET
-        && let Some(page) = problem_page(req.uri().path())
-    {
-        return page;
-    }
-    if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET {
-        let text = telemetry::render().await;
-        return (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(telemetry::CONTENT_TYPE),
-            )],
-            text,
-        )
-            .into_response();
+    // Answered on every listener, before any router: the metrics and the
+    // pages the problem types point at.
+    if req.method() == axum::http::Method::GET {
+        let path = req.uri().path();
+        if path == "/metrics" {
+            let text = telemetry::render().await;
+            return (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(telemetry::CONTENT_TYPE),
+                )],
+                text,
+            )
+                .into_response();
+        }
+        if let Some(page) = problem_page(path) {
+            return page;
+        }
     }
     if target_len > URI_BYTES_MAX {
         let mut resp = Problem::new(

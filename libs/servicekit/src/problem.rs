@@ -623,25 +623,18 @@ mod tests {
         assert!(problem_page("/posts").is_none());
     }
 
-    #[test]
-    fn a_problem_names_its_page_and_its_own_title() {
+    #[tokio::test]
+    async fn a_problem_names_its_page_and_its_own_title() {
         let resp = Problem::new(StatusCode::PRECONDITION_FAILED, "version-mismatch", "at 3")
             .with_current_version(3)
             .into_response();
         assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
-        let body = futures_body(resp);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["type"], "/docs/problems/version-mismatch");
         assert_eq!(v["title"], "Version mismatch");
         assert_eq!(v["current_version"], 3);
-    }
-
-    fn futures_body(resp: Response) -> Vec<u8> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(axum::body::to_bytes(resp.into_body(), 1 << 20))
-            .expect("body")
-            .to_vec()
     }
 }

@@ -37,7 +37,7 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
 struct Up {
     child: Option<Child>,
     dir: tempfile::TempDir,
-    gateway_port: u16,
+    /// NATS, its monitoring, then the listeners in the order of `start`.
     ports: Vec<u16>,
 }
 
@@ -78,13 +78,6 @@ impl Up {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout"))?)
             .stderr(std::fs::File::create(dir.path().join("stderr"))?);
-        if let Ok(nats) = std::env::var("NATS_SERVER_BIN") {
-            // ensure-tool takes a nats-server on PATH as it is.
-            if let Some(parent) = Path::new(&nats).parent() {
-                let path = std::env::var("PATH").unwrap_or_default();
-                cmd.env("PATH", format!("{}:{path}", parent.display()));
-            }
-        }
         // Its own process group, as a shell gives a foreground job: the
         // group is what a terminal's Ctrl-C reaches.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -92,7 +85,6 @@ impl Up {
         Ok(Self {
             child: Some(child),
             dir,
-            gateway_port: ports[6],
             ports,
         })
     }
@@ -101,9 +93,9 @@ impl Up {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
-    fn pid(&self) -> Pid {
-        let id = self.child.as_ref().map_or(0, Child::id);
-        Pid::from_raw(i32::try_from(id).unwrap_or(0)).expect("a child pid")
+    fn pid(&self) -> Option<Pid> {
+        let id = self.child.as_ref()?.id();
+        Pid::from_raw(i32::try_from(id).ok()?)
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -131,7 +123,7 @@ impl Up {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let url = format!("http://127.0.0.1:{}/readyz", self.gateway_port);
+        let url = format!("http://127.0.0.1:{}/readyz", self.ports[6]);
         let http = http_client();
         wait_for("the gateway's /readyz to be 200", UP_DEADLINE, || {
             let req = http.get(&url);
@@ -160,10 +152,10 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill_process(pid, Signal::TERM);
+        }
         if let Some(mut child) = self.child.take() {
-            if let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
-                let _ = kill_process(pid, Signal::TERM);
-            }
             let _ = child.wait();
         }
     }
@@ -205,12 +197,12 @@ async fn stop_is_clean(via_just: bool, stop: impl FnOnce(&Up)) -> anyhow::Result
 async fn a_stop_that_was_asked_for_exits_0_with_no_error_line() -> anyhow::Result<()> {
     // Ctrl-C on a terminal: SIGINT to the whole foreground group, just included.
     stop_is_clean(true, |up| {
-        kill_process_group(up.pid(), Signal::INT).expect("SIGINT to the group");
+        kill_process_group(up.pid().expect("running"), Signal::INT).expect("SIGINT to the group");
     })
     .await?;
     // A supervisor's SIGTERM to scripts/up itself.
     stop_is_clean(false, |up| {
-        kill_process(up.pid(), Signal::TERM).expect("SIGTERM");
+        kill_process(up.pid().expect("running"), Signal::TERM).expect("SIGTERM");
     })
     .await
 }
