@@ -883,13 +883,31 @@ pub async fn spawn_service_process(
     bin: &'static str,
     nats_url: &str,
 ) -> anyhow::Result<(testkit::ServiceProcess, String)> {
+    spawn_service_process_with_env(bin, nats_url, &[]).await
+}
+
+/// [`spawn_service_process`] with `envs` set as well (a fault to arm).
+///
+/// # Errors
+/// When it does not start.
+pub async fn spawn_service_process_with_env(
+    bin: &'static str,
+    nats_url: &str,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(testkit::ServiceProcess, String)> {
+    let mut env = service_credentials(bin);
+    env.extend(
+        envs.iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+    );
     let http = http_client_with_timeout(Duration::from_secs(2));
     let mut last = None;
     for _ in 0..PORT_RACE_RETRIES_MAX {
         let port = testkit::free_port();
         let args = command_args(nats_url, port);
+        let env = env.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            testkit::ServiceProcess::spawn(bin, &args, &service_credentials(bin), port)
+            testkit::ServiceProcess::spawn(bin, &args, &env, port)
         })
         .await?;
         let process = match spawned {

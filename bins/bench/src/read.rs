@@ -190,6 +190,10 @@ struct CatchUp {
     per_projection: HashMap<String, Duration>,
     done: Option<Duration>,
     rss_peak_kib: Option<u64>,
+    /// Highest `RssAnon` sampled: memory of the process's own, without the
+    /// index files it maps (page cache, which the kernel takes back under
+    /// pressure). A floor: sampled every poll.
+    anon_peak_kib: Option<u64>,
     error: Option<String>,
 }
 
@@ -210,6 +214,7 @@ async fn watch_catch_up(
         per_projection: HashMap::new(),
         done: None,
         rss_peak_kib: None,
+        anon_peak_kib: None,
         error: None,
     };
     let reads = [
@@ -242,6 +247,9 @@ async fn watch_catch_up(
             break;
         }
         rss_sampled_max = rss_sampled_max.max(procfs::status_kib(pid, "VmRSS").unwrap_or(0));
+        if let Some(anon) = procfs::status_kib(pid, "RssAnon") {
+            out.anon_peak_kib = Some(out.anon_peak_kib.unwrap_or(0).max(anon));
+        }
         let mut still_waiting = Vec::new();
         for (name, wait) in waits {
             if !wait.is_finished() {
@@ -719,6 +727,21 @@ pub fn run(
         Some(Target::ValueAtMost(512.0)),
         Some(format!(
             "VmHWM of posts-query at the end of catch-up, highest of {} rounds",
+            rounds.len()
+        )),
+    );
+    let anon_peak_kib = rounds.iter().filter_map(|r| r.caught.anon_peak_kib).max();
+    #[allow(clippy::cast_precision_loss, reason = "KiB counts are far below 2^52")]
+    report.add(
+        "query_anon_peak_mb",
+        anon_peak_kib.map(|k| k as f64 / 1024.0),
+        "MiB",
+        None,
+        None,
+        Some(format!(
+            "highest RssAnon of posts-query sampled every {} ms during catch-up, highest of {} \
+             rounds: VmHWM without the index files mapped from the page cache",
+            CATCHUP_POLL.as_millis(),
             rounds.len()
         )),
     );

@@ -548,6 +548,9 @@ impl EventStore {
             return Err(LoadError::Unavailable("not connected to NATS".into()));
         }
         let subject = self.subject_for(aggregate_id);
+        if matches!(from, Replica::Any) && stale_replica() {
+            return Ok(None);
+        }
         let msg = match from {
             Replica::Any => match self.stream.direct_get_last_for_subject(subject).await {
                 Ok(msg) => msg,
@@ -589,6 +592,9 @@ impl EventStore {
     ) -> Result<(), LoadError> {
         if !self.is_connected() {
             return Err(LoadError::Unavailable("not connected to NATS".into()));
+        }
+        if matches!(from, Replica::Any) && stale_replica() {
+            return Ok(());
         }
         let subject = subject.to_string();
         let mut next = after_seq + 1;
@@ -719,4 +725,28 @@ fn storage_full(e: &jetstream::context::PublishError) -> bool {
 pub fn is_storage_full(error_text: &str) -> bool {
     let text = error_text.to_ascii_lowercase();
     text.contains("maximum bytes exceeded") || text.contains("insufficient resources")
+}
+
+/// Whether reads from [`Replica::Any`] answer as a replica that has received
+/// nothing yet: `EVENTSTORE_FAULT=stale-replica`. A replica that lags is
+/// legal in a cluster and hard to get on demand; the tests arm this to show
+/// that no rejection, mismatch or no-op is final until the leader confirms
+/// it. Debug builds only.
+#[cfg(debug_assertions)]
+fn stale_replica() -> bool {
+    static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ARMED.get_or_init(|| {
+        let armed = std::env::var("EVENTSTORE_FAULT").is_ok_and(|v| v == "stale-replica");
+        if armed {
+            tracing::warn!("fault stale-replica: direct gets answer as a replica that has nothing");
+        }
+        armed
+    })
+}
+
+/// Release builds: replicas answer as they are.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+fn stale_replica() -> bool {
+    false
 }

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use e2e_tests::{
     CONDITION_DEADLINE, InProcessService, Reply, StreamReader, Written, admin_url, http_client,
-    replay_args, run_replay, spawn_query_process, start_nats, start_nats_with, testkit,
-    wait_checkpoints, wait_for,
+    replay_args, run_replay, spawn_command_process, spawn_query_process,
+    spawn_service_process_with_env, start_nats, start_nats_with, testkit, wait_checkpoints,
+    wait_for,
 };
 use serde_json::json;
 
@@ -393,4 +394,91 @@ async fn every_page(
             None => return Ok((items, pages)),
         }
     }
+}
+
+/// Finding 8: an aggregate load on a cache miss used direct gets, which any
+/// replica may answer, and counted as fresh. So a PATCH right after a create
+/// made through another instance could be a 404, or a 412 saying "version 0".
+/// Instance B here answers its direct gets as a replica that has received
+/// nothing yet (`EVENTSTORE_FAULT=stale-replica`, debug builds): every
+/// rejection, mismatch and no-op must be checked with the leader first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lags_never_makes_a_rejection_final() -> TestResult {
+    let nats = start_nats().await?;
+    let http = http_client();
+    let (_a, a) = spawn_command_process(&nats.url()).await?;
+    let (b_process, b) = spawn_service_process_with_env(
+        "posts-command",
+        &nats.url(),
+        &[("EVENTSTORE_FAULT", "stale-replica")],
+    )
+    .await?;
+    let create = |title: &'static str| {
+        Reply::of(
+            http.post(format!("{a}/posts"))
+                .json(&json!({"title": title, "content": "v1", "author_name": "ann"})),
+        )
+    };
+
+    // An update on B right after A's create: B's replica has not seen it.
+    let first = create("lagging update").await?.ack(201);
+    let r = Reply::of(
+        http.patch(format!("{b}/posts/{}", first.post_id))
+            .json(&json!({"content": "v2"})),
+    )
+    .await?;
+    let updated = r.ack(200);
+    assert_eq!(
+        (updated.version, updated.post_id),
+        (2, first.post_id.clone())
+    );
+
+    // Pinned to the version A answered: B's replica says 0, the leader 1.
+    let second = create("lagging pinned update").await?.ack(201);
+    let r = Reply::of(
+        http.patch(format!("{b}/posts/{}", second.post_id))
+            .header("If-Match", "\"1\"")
+            .json(&json!({"content": "v2"})),
+    )
+    .await?;
+    assert_eq!(r.ack(200).version, 2);
+
+    // A delete on B, and a pin that is wrong on the leader too: the 412
+    // names the leader's version, not the replica's 0.
+    let third = create("lagging delete").await?.ack(201);
+    let r = Reply::of(http.delete(format!("{b}/posts/{}", third.post_id))).await?;
+    assert_eq!(r.ack(200).version, 2);
+    let r = Reply::of(
+        http.patch(format!("{b}/posts/{}", first.post_id))
+            .header("If-Match", "\"7\"")
+            .json(&json!({"content": "v3"})),
+    )
+    .await?;
+    let doc = r.assert_problem(412, "version 2");
+    assert_eq!(doc["current_version"], 2, "{doc}");
+
+    // What the leader rejects stays rejected: an unknown post is a 404.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    Reply::of(
+        http.patch(format!("{b}/posts/{unknown}"))
+            .json(&json!({"content": "v2"})),
+    )
+    .await?
+    .assert_problem(404, &unknown);
+
+    // The fault was armed in B: the answers above went through the leader.
+    assert!(
+        b_process
+            .log()
+            .contains("fault stale-replica: direct gets answer as a replica that has nothing"),
+        "B never armed the fault; see {}",
+        b_process.log_path().display()
+    );
+    let reader = StreamReader::connect(&nats.url()).await?;
+    assert_eq!(
+        reader.all_messages().await?.len(),
+        6,
+        "3 creates, 3 writes on B"
+    );
+    Ok(())
 }
