@@ -8,6 +8,8 @@ mod cli;
 mod command;
 #[path = "e2e/comments.rs"]
 mod comments;
+#[path = "e2e/faults.rs"]
+mod faults;
 #[path = "e2e/gateway.rs"]
 mod gateway;
 #[path = "e2e/hardening.rs"]

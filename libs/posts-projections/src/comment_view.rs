@@ -7,8 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use comments::Event;
+use projection::redb_file::RedbFile;
 use projection::{Incoming, Parked, Projection, ProjectionError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -74,21 +75,21 @@ pub fn open(path: &Path) -> anyhow::Result<(CommentViewProjection, CommentReader
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
-        .create(path)?;
+    let db = RedbFile::create_database(path, CACHE_BYTES, None)?;
     let txn = db.begin_write()?;
     txn.open_table(ROWS)?;
     txn.open_table(LIVE)?;
     txn.open_table(META)?;
     txn.open_table(PARKED)?;
     txn.commit()?;
-    let reader = CommentReader { db: Arc::new(db) };
+    let reader = CommentReader {
+        file: RedbFile::new(path, CACHE_BYTES, None, db),
+    };
     let checkpoint = reader.meta(META_CHECKPOINT)?;
     let parked_total = reader.meta(META_PARKED_TOTAL)?;
     Ok((
         CommentViewProjection {
-            db: reader.db.clone(),
+            file: reader.file.clone(),
             checkpoint,
             parked_total,
         },
@@ -102,7 +103,7 @@ pub fn open(path: &Path) -> anyhow::Result<(CommentViewProjection, CommentReader
 /// When the store cannot be read.
 pub fn writer_for(reader: &CommentReader) -> anyhow::Result<CommentViewProjection> {
     Ok(CommentViewProjection {
-        db: reader.db.clone(),
+        file: reader.file.clone(),
         checkpoint: reader.meta(META_CHECKPOINT)?,
         parked_total: reader.meta(META_PARKED_TOTAL)?,
     })
@@ -120,7 +121,7 @@ fn live_key(post_id: &str, created_at_us: i64, comment_id: &str) -> Vec<u8> {
 }
 
 pub struct CommentViewProjection {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
     checkpoint: u64,
     parked_total: u64,
 }
@@ -236,7 +237,8 @@ impl Projection for CommentViewProjection {
         let Some(last) = batch.last() else {
             return Ok(Vec::new());
         };
-        let txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        let db = self.file.db().map_err(ProjectionError::new)?;
+        let txn = db.begin_write().map_err(ProjectionError::new)?;
         let mut parked = Vec::new();
         for incoming in batch {
             assert!(
@@ -275,8 +277,11 @@ impl Projection for CommentViewProjection {
     }
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
+        // After an I/O error redb refuses every transaction until the file
+        // is opened again.
+        self.file.check_or_reopen().map_err(ProjectionError::new)?;
         let reader = CommentReader {
-            db: self.db.clone(),
+            file: self.file.clone(),
         };
         self.checkpoint = reader.meta(META_CHECKPOINT).map_err(ProjectionError::new)?;
         self.parked_total = reader
@@ -291,7 +296,7 @@ impl Projection for CommentViewProjection {
 
     fn parked_recent(&self) -> Vec<Parked> {
         CommentReader {
-            db: self.db.clone(),
+            file: self.file.clone(),
         }
         .parked_recent()
         .unwrap_or_default()
@@ -301,12 +306,13 @@ impl Projection for CommentViewProjection {
 /// Reads the comment view; cheap to clone.
 #[derive(Clone)]
 pub struct CommentReader {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
 }
 
 impl CommentReader {
     fn meta(&self, key: &str) -> Result<u64, CommentViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(META).map_err(store_err)?;
         Ok(t.get(key).map_err(store_err)?.map_or(0, |g| g.value()))
     }
@@ -324,7 +330,8 @@ impl CommentReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn parked_recent(&self) -> Result<Vec<Parked>, CommentViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(PARKED).map_err(store_err)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(store_err)?.rev().take(PARKED_RECENT_MAX) {
@@ -346,7 +353,8 @@ impl CommentReader {
         post_id: &str,
         comment_id: &str,
     ) -> Result<Option<CommentRow>, CommentViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(ROWS).map_err(store_err)?;
         let key = comments::context::aggregate_id(post_id, comment_id);
         t.get(key.as_bytes())
@@ -383,7 +391,8 @@ impl CommentReader {
                 k
             }
         };
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let live = txn.open_table(LIVE).map_err(store_err)?;
         let rows = txn.open_table(ROWS).map_err(store_err)?;
         let mut page = CommentPage {
@@ -424,7 +433,8 @@ impl CommentReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn digest(&self) -> Result<String, CommentViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let mut h = Sha256::new();
         for table in [ROWS] {
             let t = txn.open_table(table).map_err(store_err)?;

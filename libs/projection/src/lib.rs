@@ -14,10 +14,12 @@
 
 mod consistency;
 pub mod durable;
+pub mod redb_file;
 mod runner;
 mod status;
 
 pub use consistency::parse_min_seq;
+pub use redb_file::{RedbFile, RedbFileError};
 pub use runner::{DrainError, Feed, Runner, RunnerOptions, drain_to, follower_config};
 pub use status::{ProjectionState, RebuildProgress, Status, StatusSnapshot};
 

@@ -18,8 +18,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use projection::redb_file::RedbFile;
 use projection::{Incoming, Parked, Projection, ProjectionError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -103,7 +104,7 @@ fn micros(at: time::OffsetDateTime) -> i64 {
 
 /// The store both slots write to.
 struct Store {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
 }
 
 /// Opens (or creates) the file: one writing [`Slot`] per stream of
@@ -115,9 +116,7 @@ pub fn open(path: &Path) -> anyhow::Result<(Vec<Slot>, StatsReader)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
-        .create(path)?;
+    let db = RedbFile::create_database(path, CACHE_BYTES, None)?;
     let txn = db.begin_write()?;
     txn.open_table(POSTS_T)?;
     txn.open_table(COMMENTS_T)?;
@@ -127,9 +126,11 @@ pub fn open(path: &Path) -> anyhow::Result<(Vec<Slot>, StatsReader)> {
     txn.open_table(META)?;
     txn.open_table(PARKED)?;
     txn.commit()?;
-    let reader = StatsReader { db: Arc::new(db) };
+    let reader = StatsReader {
+        file: RedbFile::new(path, CACHE_BYTES, None, db),
+    };
     let store = Arc::new(Mutex::new(Store {
-        db: reader.db.clone(),
+        file: reader.file.clone(),
     }));
     let mut slots = Vec::new();
     for stream in STREAMS {
@@ -457,7 +458,8 @@ impl Projection for Slot {
             .store
             .lock()
             .map_err(|_| ProjectionError::new("author-stats store lock poisoned"))?;
-        let txn = store.db.begin_write().map_err(pe)?;
+        let db = store.file.db().map_err(pe)?;
+        let txn = db.begin_write().map_err(pe)?;
         let mut parked = Vec::new();
         let mut tables = Tables::open(&txn)?;
         for incoming in batch {
@@ -506,13 +508,18 @@ impl Projection for Slot {
     }
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
-        let db = self
-            .store
-            .lock()
-            .map_err(|_| ProjectionError::new("author-stats store lock poisoned"))?
-            .db
-            .clone();
-        let reader = StatsReader { db };
+        let file = {
+            let store = self
+                .store
+                .lock()
+                .map_err(|_| ProjectionError::new("author-stats store lock poisoned"))?;
+            // After an I/O error redb refuses every transaction until the
+            // file is opened again; the lock keeps the other slot from
+            // writing meanwhile.
+            store.file.check_or_reopen().map_err(pe)?;
+            store.file.clone()
+        };
+        let reader = StatsReader { file };
         self.checkpoint = reader.checkpoint(self.stream).map_err(pe)?;
         self.parked_total = reader.parked_total(self.stream).map_err(pe)?;
         Ok(())
@@ -527,7 +534,7 @@ impl Projection for Slot {
             return Vec::new();
         };
         StatsReader {
-            db: store.db.clone(),
+            file: store.file.clone(),
         }
         .parked_recent(self.stream)
         .unwrap_or_default()
@@ -544,12 +551,13 @@ pub struct AuthorPage {
 /// Reads author-stats; cheap to clone.
 #[derive(Clone)]
 pub struct StatsReader {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
 }
 
 impl StatsReader {
     fn meta(&self, key: &str) -> Result<u64, StatsError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(META).map_err(store_err)?;
         Ok(t.get(key).map_err(store_err)?.map_or(0, |g| g.value()))
     }
@@ -575,7 +583,8 @@ impl StatsReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn parked_recent(&self, stream: &str) -> Result<Vec<Parked>, StatsError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(PARKED).map_err(store_err)?;
         let mut out = Vec::new();
         for entry in t
@@ -598,7 +607,8 @@ impl StatsReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn get(&self, author: &str) -> Result<Option<AuthorRow>, StatsError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(AUTHORS).map_err(store_err)?;
         t.get(author)
             .map_err(store_err)?
@@ -621,7 +631,8 @@ impl StatsReader {
                 k
             }
         };
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let ranks = txn.open_table(BY_POSTS).map_err(store_err)?;
         let authors = txn.open_table(AUTHORS).map_err(store_err)?;
         let mut page = AuthorPage {
@@ -656,7 +667,8 @@ impl StatsReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn digest(&self) -> Result<String, StatsError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let mut h = Sha256::new();
         let mut feed = |k: &[u8], v: &[u8]| {
             h.update((k.len() as u64).to_le_bytes());

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use posts::Event;
+use projection::redb_file::{Fault, RedbFile};
 use projection::{Incoming, Parked, Projection, ProjectionError};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,24 @@ fn store_err(e: impl std::fmt::Display) -> ViewError {
     ViewError::Store(e.to_string())
 }
 
+/// The test fault `POSTS_FAILPOINT=view-io@/a/file`: once the view is open,
+/// writes to its file fail with `ENOSPC` while that file exists, as when
+/// the disk fills up under a running service. Debug builds only. The flag
+/// turns it on once `open` is done.
+fn io_fault() -> Option<(Fault, Arc<std::sync::atomic::AtomicBool>)> {
+    const POINT: &str = "view-io";
+    let armed = cfg!(debug_assertions)
+        && std::env::var("POSTS_FAILPOINT").is_ok_and(|v| v.starts_with(&format!("{POINT}@")));
+    armed.then(|| {
+        let opened = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let on = opened.clone();
+        let fault: Fault = Arc::new(move || {
+            on.load(std::sync::atomic::Ordering::Relaxed) && crate::failing(POINT)
+        });
+        (fault, opened)
+    })
+}
+
 /// Opens (or creates) the view file; returns the writer and a reader sharing it.
 ///
 /// # Errors
@@ -112,7 +131,8 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let create = || Database::builder().set_cache_size(CACHE_BYTES).create(path);
+    let (fault, opened) = io_fault().unzip();
+    let create = || RedbFile::create_database(path, CACHE_BYTES, fault.as_ref());
     let mut db = create()?;
     if let Some(found) = stored_format(&db)?
         && found != FORMAT
@@ -136,7 +156,12 @@ pub fn open(path: &Path) -> anyhow::Result<(ViewProjection, ViewReader)> {
         txn.open_table(PARKED)?;
     }
     txn.commit()?;
-    let reader = ViewReader { db: Arc::new(db) };
+    if let Some(opened) = opened {
+        opened.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let reader = ViewReader {
+        file: RedbFile::new(path, CACHE_BYTES, fault, db),
+    };
     Ok((writer_for(&reader)?, reader))
 }
 
@@ -214,7 +239,7 @@ fn bad_key() -> ViewError {
 pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
     let checkpoint = reader.checkpoint()?;
     Ok(ViewProjection {
-        db: reader.db.clone(),
+        file: reader.file.clone(),
         checkpoint,
         applied: checkpoint,
         durable: checkpoint,
@@ -231,7 +256,7 @@ pub fn writer_for(reader: &ViewReader) -> anyhow::Result<ViewProjection> {
 
 /// The writer side: applies batches.
 pub struct ViewProjection {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
     /// Last sequence committed (what readers see; what this process resumes
     /// from: a failed transaction leaves earlier commits in place).
     checkpoint: u64,
@@ -293,7 +318,7 @@ impl HeldRow {
 /// The read side, cheap to clone.
 #[derive(Clone)]
 pub struct ViewReader {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
 }
 
 /// Encodes `row` into `buf`, reusing its allocation.
@@ -416,7 +441,8 @@ impl ViewProjection {
         }
         let started = std::time::Instant::now();
         let posts_held = self.held.len();
-        let mut txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        let db = self.file.db().map_err(ProjectionError::new)?;
+        let mut txn = db.begin_write().map_err(ProjectionError::new)?;
         let durable = durable || self.durable_at.elapsed() >= DURABLE_INTERVAL;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -535,7 +561,8 @@ impl Projection for ViewProjection {
         }
         let mut parked = Vec::new();
         {
-            let txn = self.db.begin_read().map_err(ProjectionError::new)?;
+            let db = self.file.db().map_err(ProjectionError::new)?;
+            let txn = db.begin_read().map_err(ProjectionError::new)?;
             let posts = txn.open_table(POSTS).map_err(ProjectionError::new)?;
             for incoming in batch {
                 // The runner hands events in order, above what was applied.
@@ -578,7 +605,8 @@ impl Projection for ViewProjection {
             return Ok(());
         }
         // An empty durable commit makes the non-durable ones before it durable.
-        let txn = self.db.begin_write().map_err(ProjectionError::new)?;
+        let db = self.file.db().map_err(ProjectionError::new)?;
+        let txn = db.begin_write().map_err(ProjectionError::new)?;
         txn.commit().map_err(ProjectionError::new)?;
         self.durable = self.checkpoint;
         self.durable_at = std::time::Instant::now();
@@ -591,9 +619,11 @@ impl Projection for ViewProjection {
 
     fn recover(&mut self) -> Result<(), ProjectionError> {
         // An aborted write transaction left nothing behind, and what was
-        // held is dropped: re-read the truth.
+        // held is dropped: re-read the truth. After an I/O error redb
+        // refuses every transaction until the file is opened again.
+        self.file.check_or_reopen().map_err(ProjectionError::new)?;
         let reader = ViewReader {
-            db: self.db.clone(),
+            file: self.file.clone(),
         };
         self.drop_held();
         self.checkpoint = reader.checkpoint().map_err(ProjectionError::new)?;
@@ -608,7 +638,7 @@ impl Projection for ViewProjection {
 
     fn parked_recent(&self) -> Vec<Parked> {
         ViewReader {
-            db: self.db.clone(),
+            file: self.file.clone(),
         }
         .parked_recent()
         .unwrap_or_default()
@@ -654,7 +684,8 @@ impl ViewReader {
     }
 
     fn meta(&self, key: &str) -> Result<u64, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(META).map_err(store_err)?;
         Ok(t.get(key).map_err(store_err)?.map_or(0, |g| g.value()))
     }
@@ -664,7 +695,8 @@ impl ViewReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn parked_recent(&self) -> Result<Vec<Parked>, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(PARKED).map_err(store_err)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(store_err)?.rev().take(PARKED_RECENT_MAX) {
@@ -682,7 +714,8 @@ impl ViewReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<Row>, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(POSTS).map_err(store_err)?;
         t.get(id.as_bytes())
             .map_err(store_err)?
@@ -717,7 +750,8 @@ impl ViewReader {
         json_bytes_max: usize,
     ) -> Result<Page, ViewError> {
         let after = cursor.map(decode_cursor).transpose()?;
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let posts = txn.open_table(POSTS).map_err(store_err)?;
         let mut ids: Vec<(i64, String)> = Vec::with_capacity(limit + 1);
         // Both listings are (time, id) keys, an author's behind its prefix.
@@ -770,7 +804,8 @@ impl ViewReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn count(&self) -> Result<u64, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(POSTS).map_err(store_err)?;
         t.len().map_err(store_err)
     }
@@ -780,7 +815,8 @@ impl ViewReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn live_by_author(&self) -> Result<std::collections::BTreeMap<String, u64>, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let t = txn.open_table(BY_AUTHOR).map_err(store_err)?;
         let mut out = std::collections::BTreeMap::new();
         for entry in t.iter().map_err(store_err)? {
@@ -797,7 +833,8 @@ impl ViewReader {
     /// # Errors
     /// When the store cannot be read.
     pub fn digest(&self) -> Result<String, ViewError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let db = self.file.db().map_err(store_err)?;
+        let txn = db.begin_read().map_err(store_err)?;
         let mut h = Sha256::new();
         let posts = txn.open_table(POSTS).map_err(store_err)?;
         for entry in posts.iter().map_err(store_err)? {

@@ -311,7 +311,7 @@ fn a_store_of_the_first_layout_is_rebuilt() {
     // Reopened, the new layout is kept.
     let (_, r) = open(&path).unwrap();
     assert_eq!(r.checkpoint().unwrap(), 1);
-    assert_eq!(stored_format(&r.db).unwrap(), Some(FORMAT));
+    assert_eq!(stored_format(&r.file.db().unwrap()).unwrap(), Some(FORMAT));
 }
 
 // Fuzz target (hardening finding 11): any cursor text pages on or is
