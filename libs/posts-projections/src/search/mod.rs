@@ -278,6 +278,7 @@ fn open_with(
 }
 
 mod count;
+mod document;
 mod read;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use tantivy::query::{ConstScorer, EmptyQuery, EmptyScorer, EnableScoring, Query,
 use tantivy::schema::{IndexRecordOption, Value};
 use tantivy::{Index, IndexWriter, TantivyDocument, Term};
 
+use super::document::PostDoc;
 use crate::{CATCH_UP_COMMIT_INTERVAL, PARKED_RECENT_MAX, POST_SEARCH, decode, micros};
 
 use super::*;
@@ -20,7 +21,7 @@ use super::*;
 /// The writer side.
 pub struct SearchProjection {
     pub(super) reader: SearchReader,
-    pub(super) writer: IndexWriter,
+    pub(super) writer: IndexWriter<PostDoc>,
     /// Durable: in the last commit's payload.
     pub(super) checkpoint: u64,
     /// Applied to the writer, not yet committed.
@@ -34,8 +35,8 @@ pub struct SearchProjection {
     /// ~45 MB at catch-up speed. foldhash: SipHash over these ids and
     /// `known` showed in catch-up profiles, and the keys are our own post
     /// ids, not attacker-chosen lookups.
-    pub(super) pending: foldhash::HashMap<String, Doc>,
-    pub(super) pending_old: foldhash::HashMap<String, Doc>,
+    pub(super) pending: foldhash::HashMap<String, Arc<Doc>>,
+    pub(super) pending_old: foldhash::HashMap<String, Arc<Doc>>,
     /// Text bytes put in `pending` since its generation began (an upper
     /// bound: a replaced document is counted twice).
     pub(super) pending_bytes: usize,
@@ -181,7 +182,7 @@ impl SearchProjection {
         content: bool,
     ) -> Result<(Option<Doc>, Where), ProjectionError> {
         if let Some(d) = self.pending.get(id).or_else(|| self.pending_old.get(id)) {
-            let d = d.clone();
+            let d = Doc::clone(d);
             let searcher = self.reader.reader.searcher();
             return Ok((Some(d), self.uncommitted(&searcher)));
         }
@@ -407,8 +408,9 @@ impl SearchProjection {
                 .delete_query(Box::new(delete))
                 .map_err(ProjectionError::new)?;
         }
+        let doc = Arc::new(doc);
         self.writer
-            .add_document(to_tantivy(&doc, f))
+            .add_document(PostDoc::new(doc.clone(), f))
             .map_err(ProjectionError::new)?;
         self.written_bytes += doc.title.len() + doc.content.len() + doc.author_name.len();
         if let Some(known) = &mut self.known {
@@ -472,7 +474,7 @@ impl SearchProjection {
 
 /// Sets up a new writer (opened, or made by a rollback, which comes with
 /// tantivy's default merge policy).
-pub(super) fn prepare_writer(writer: &IndexWriter, rebuild: bool) -> tantivy::Result<()> {
+pub(super) fn prepare_writer(writer: &IndexWriter<PostDoc>, rebuild: bool) -> tantivy::Result<()> {
     if rebuild {
         // Intermediate merges would rewrite documents that the final merge
         // into one segment rewrites again.
@@ -493,7 +495,7 @@ pub(super) fn prepare_writer(writer: &IndexWriter, rebuild: bool) -> tantivy::Re
 /// alive in the merged segment (tantivy 0.27; the consumer-kill chaos test
 /// found it, and a unit test below forces it). With this spent, no real
 /// delete shares an opstamp with a segment's deletes.
-pub(super) fn past_committed_opstamp(writer: &IndexWriter) -> tantivy::Result<()> {
+pub(super) fn past_committed_opstamp(writer: &IndexWriter<PostDoc>) -> tantivy::Result<()> {
     writer.delete_query(Box::new(EmptyQuery)).map(drop)
 }
 
@@ -572,28 +574,11 @@ impl Weight for DeleteById {
     }
 }
 
+/// The `TantivyDocument` a [`PostDoc`] of `doc` stands for (tests write
+/// with tantivy's own document type).
+#[cfg(test)]
 pub(super) fn to_tantivy(doc: &Doc, f: Fields) -> TantivyDocument {
-    // Every value's bytes, so the document is built without regrowing.
-    let text_bytes = doc.post_id.len()
-        + doc.author_name.len()
-        + (TITLE_REPEAT + 1) * doc.title.len()
-        + 2 * doc.content.len();
-    let mut t = TantivyDocument::with_capacity(text_bytes + 128);
-    t.add_text(f.post_id, &doc.post_id);
-    if !doc.deleted {
-        t.add_text(f.title, &doc.title);
-        t.add_text(f.content, &doc.content);
-        for _ in 0..TITLE_REPEAT {
-            t.add_text(f.text, &doc.title);
-        }
-        t.add_text(f.text, &doc.content);
-        t.add_text(f.author_name, &doc.author_name);
-    }
-    t.add_i64(f.created_at, doc.created_at_us);
-    t.add_i64(f.updated_at, doc.updated_at_us);
-    t.add_u64(f.version, doc.version);
-    t.add_u64(f.deleted, u64::from(doc.deleted));
-    t
+    tantivy::Document::into_tantivy_document(PostDoc::new(Arc::new(doc.clone()), f))
 }
 
 pub(super) fn from_tantivy(t: &TantivyDocument, f: Fields) -> Doc {

@@ -56,6 +56,29 @@ pub(super) async fn fetch(
     }
 }
 
+/// What the messages of one pull request may take, about. async-nats's
+/// ordered consumer asks for a count (500, or `max_batch` when lower) with
+/// no byte limit, and asks again when half have arrived, so up to one and
+/// a half requests wait in the client, ahead of any [`Budget`]: 750
+/// events of 100 KB were 75 MB per consumer, and a catch-up runs three.
+const PULL_BYTES: u64 = 4 * 1024 * 1024;
+/// A pull request asks for this many events at least, however big.
+const PULL_EVENTS_MIN: i64 = 16;
+
+/// The pull batch for `stream`: `pull_batch_max`, or fewer so that a
+/// request of events of the stream's average size stays near
+/// [`PULL_BYTES`].
+#[must_use]
+pub(super) fn pull_batch(stream: &async_nats::jetstream::stream::Info, pull_batch_max: i64) -> i64 {
+    let state = &stream.state;
+    let Some(average) = state.bytes.checked_div(state.messages) else {
+        return pull_batch_max;
+    };
+    i64::try_from(PULL_BYTES / average.max(1))
+        .unwrap_or(i64::MAX)
+        .clamp(PULL_EVENTS_MIN.min(pull_batch_max), pull_batch_max)
+}
+
 /// The consumer a runner reads the stream with, from `start_sequence`:
 /// ordered (no server state, no acks: the checkpoint in the projection's own
 /// store is the position), with pull requests capped at `pull_batch_max`
@@ -94,8 +117,9 @@ pub(super) async fn fetch_once(
         .get_stream(store.stream_name())
         .await
         .map_err(|e| e.to_string())?;
+    let batch = pull_batch(stream.cached_info(), options.pull_batch_max);
     let consumer = stream
-        .create_consumer(follower_config(*next, options.pull_batch_max))
+        .create_consumer(follower_config(*next, batch))
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;

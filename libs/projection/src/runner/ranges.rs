@@ -64,11 +64,14 @@ pub(super) async fn read_ranges(
         .unwrap_or(usize::MAX)
         .div_ceil(RANGE_BATCH_EVENTS)
         .saturating_add(2);
+    let pull_batch_max = match store.jetstream().get_stream(store.stream_name()).await {
+        Ok(stream) => super::fetch::pull_batch(stream.cached_info(), options.pull_batch_max),
+        Err(_) => options.pull_batch_max,
+    };
     for reader in 0..RANGE_READERS.min(ranges) {
         let (part_tx, part_rx) = mpsc::channel(depth);
         parts.push(part_rx);
         let store = store.clone();
-        let pull_batch_max = options.pull_batch_max;
         readers.spawn(async move {
             let own = (reader..ranges)
                 .step_by(usize::try_from(RANGE_READERS).unwrap_or(1))
