@@ -14,6 +14,8 @@ mod faults;
 mod gateway;
 #[path = "e2e/hardening.rs"]
 mod hardening;
+#[path = "e2e/long_history.rs"]
+mod long_history;
 #[path = "e2e/metrics.rs"]
 mod metrics;
 #[path = "e2e/query.rs"]

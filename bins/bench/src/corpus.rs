@@ -325,12 +325,20 @@ pub fn search_queries(vocab: &Vocabulary, layout: &Layout, n: usize, seed: u64) 
 /// schema, time and the correlation and causation ids.
 #[must_use]
 pub fn headers(event_type: &str, schema: u32, expected_last_subject_seq: u64) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(HEADER_MSG_ID, uuid::Uuid::now_v7().to_string().as_str());
+    let mut h = unchecked_headers(event_type, schema);
     h.insert(
         HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
         expected_last_subject_seq.to_string().as_str(),
     );
+    h
+}
+
+/// [`headers`] without the expected last subject sequence: for a history
+/// written by one publisher, pipelined.
+#[must_use]
+pub fn unchecked_headers(event_type: &str, schema: u32) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(HEADER_MSG_ID, uuid::Uuid::now_v7().to_string().as_str());
     h.insert(HEADER_EVENT_TYPE, event_type);
     h.insert(HEADER_EVENT_SCHEMA, schema.to_string().as_str());
     h.insert(

@@ -163,8 +163,15 @@ impl Client {
     /// A `POST` of a JSON `body` to `path`, with `extra` header lines, each
     /// ending in CRLF (`"Authorization: Bearer ...\r\n"`), or none.
     pub fn post_json_with(&self, path: &str, body: &[u8], extra: &str) -> Bytes {
+        self.json_request("POST", path, body, extra)
+    }
+
+    /// A `method` request of a JSON `body` to `path`, with `extra` header
+    /// lines as for [`Client::post_json_with`].
+    #[must_use]
+    pub fn json_request(&self, method: &str, path: &str, body: &[u8], extra: &str) -> Bytes {
         let mut request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
             self.host,
             body.len()
         )

@@ -16,6 +16,7 @@
 mod corpus;
 mod http1;
 mod load;
+mod long;
 mod procfs;
 mod read;
 mod replay;
@@ -98,6 +99,8 @@ pub struct Sizes {
     pub visibility_samples: usize,
     pub search_warmup: u64,
     pub search_samples: u64,
+    /// Events of the post that `aggregate_load_long_stream_ms` loads cold.
+    pub long_stream_events: u64,
 }
 
 impl Sizes {
@@ -116,6 +119,7 @@ impl Sizes {
                 visibility_samples: 200,
                 search_warmup: 20,
                 search_samples: 200,
+                long_stream_events: 5_000,
             }
         } else if args.full {
             Self {
@@ -131,6 +135,7 @@ impl Sizes {
                 visibility_samples: 1_000,
                 search_warmup: 200,
                 search_samples: 5_000,
+                long_stream_events: 100_000,
             }
         } else {
             Self {
@@ -146,6 +151,7 @@ impl Sizes {
                 visibility_samples: 500,
                 search_warmup: 200,
                 search_samples: 2_000,
+                long_stream_events: 100_000,
             }
         };
         if let Some(n) = args.events {
@@ -389,6 +395,7 @@ fn main() -> anyhow::Result<()> {
     if only.is_none() || only == Some("write") {
         write::run(&rt, &mut report, &sizes, &pool, true)?;
         write::run(&rt, &mut report, &sizes, &pool, false)?;
+        long::run(&rt, &mut report, sizes.long_stream_events)?;
     }
     if only != Some("write") {
         let catch_up_only = only == Some("catchup");

@@ -208,6 +208,43 @@ pub fn run(
     }
 
     if sync_always {
+        // Latency at the throughput run's depth, the peer's
+        // `pg_create_latency_at64_*`: every create the slices counted.
+        let raw_p99 = load::percentile_ms(&mut raw.latencies, 0.99);
+        let note = format!(
+            "every create of the {} throughput slices at {THROUGHPUT_IN_FLIGHT} in flight ({} samples); \
+             raw JetStream publishes in the same slices: p50 {} / p99 {} ms",
+            http.slice_rates.len(),
+            http.latencies.len(),
+            fmt_ms(load::percentile_ms(&mut raw.latencies, 0.50)),
+            fmt_ms(raw_p99),
+        );
+        report.add(
+            "raw_publish_latency_at64_p99",
+            raw_p99,
+            "ms",
+            None,
+            None,
+            Some(format!("{} samples", raw.latencies.len())),
+        );
+        report.add(
+            "command_create_latency_at64_p50",
+            load::percentile_ms(&mut http.latencies, 0.50),
+            "ms",
+            None,
+            None,
+            Some(note.clone()),
+        );
+        report.add(
+            "command_create_latency_at64_p99",
+            load::percentile_ms(&mut http.latencies, 0.99),
+            "ms",
+            None,
+            None,
+            Some(note),
+        );
+        hot_updates(rt, report, &client, &command_url, command.pid())?;
+
         // Raw and HTTP latency alternate in slices too: on `sync_interval:
         // always` both wait on the disk's fsyncs, so the raw figure says how
         // much of a create's latency the disk alone costs at this depth.
@@ -319,6 +356,131 @@ pub fn run(
     Ok(())
 }
 
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}
+
+/// Writers racing on the same aggregates, as in the peer's
+/// `pg_update_throughput_same_aggregate`: this many tasks...
+const HOT_WRITERS: usize = 16;
+/// ... on this many posts, each update on one picked at random ...
+const HOT_AGGREGATES: usize = 16;
+/// ... until this many updates have succeeded.
+const HOT_UPDATES: u64 = 4_000;
+
+/// `PATCH /posts/{id}` racing on [`HOT_AGGREGATES`] posts with no
+/// `If-Match`: posts-command reloads and decides again on each conflict
+/// (`command_conflicts_total`), and a 409 after its retries is retried
+/// here, so every update succeeds once.
+fn hot_updates(
+    rt: &Runtime,
+    report: &mut Report,
+    client: &http1::Client,
+    command_url: &str,
+    command_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..HOT_AGGREGATES {
+            let body = serde_json::json!({
+                "title": format!("hot post {i}"),
+                "content": "raced on",
+                "author_name": "bench",
+            });
+            let r = client
+                .send(&client.post_json_with("/posts", body.to_string().as_bytes(), ""))
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            anyhow::ensure!(r.status == 201, "create of a hot post: {}", r.status);
+            let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+            ids.push(v["post_id"].as_str().unwrap_or_default().to_string());
+        }
+        anyhow::Ok(ids)
+    })?;
+    let conflicts_before = rt.block_on(server_conflicts(command_url))?;
+    let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let op = {
+        let (client, ids, retried) = (client.clone(), Arc::new(ids), retried.clone());
+        move |n: u64| -> OpFuture {
+            let mut x = n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x ^= x >> 29;
+            let id = &ids[usize::try_from(x % ids.len() as u64).unwrap_or(0)];
+            let body = serde_json::json!({"content": format!("hot update {n}")}).to_string();
+            let request =
+                client.json_request("PATCH", &format!("/posts/{id}"), body.as_bytes(), "");
+            let (client, retried) = (client.clone(), retried.clone());
+            Box::pin(async move {
+                loop {
+                    let r = client.send(&request).await?;
+                    match r.status {
+                        200 => return Ok(()),
+                        409 => {
+                            retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        other => return Err(format!("PATCH: {other}")),
+                    }
+                }
+            })
+        }
+    };
+    let watch = CpuWatch::start(&[("posts-command", command_pid)]);
+    let outcome = rt.block_on(load::counted(HOT_WRITERS, 0, HOT_UPDATES, op));
+    let cost = watch.finish("command_update_hot_throughput");
+    let server = rt.block_on(server_conflicts(command_url))? - conflicts_before;
+    let client_retries = retried.load(std::sync::atomic::Ordering::Relaxed);
+    #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^52")]
+    let per_success = (server + client_retries) as f64 / outcome.ok.max(1) as f64;
+    let note = format!(
+        "{} successful PATCHes (no If-Match), {HOT_WRITERS} tasks on {HOT_AGGREGATES} posts \
+         (random pick); {server} conflicts reloaded and decided again in posts-command, \
+         {client_retries} 409s retried by the client; {}{}",
+        outcome.ok,
+        cost.per_event(outcome.rate()),
+        outcome
+            .error_note()
+            .map(|e| format!("; {e}"))
+            .unwrap_or_default()
+    );
+    report.add(
+        "command_update_hot_throughput",
+        Some(outcome.rate()),
+        "updates/s",
+        None,
+        None,
+        Some(note.clone()),
+    );
+    report.add(
+        "command_update_hot_conflicts_per_success",
+        Some(per_success),
+        "ratio",
+        None,
+        None,
+        Some(note),
+    );
+    report.phase(cost);
+    Ok(())
+}
+
+/// posts-command's `command_conflicts_total`, from its `/metrics`.
+async fn server_conflicts(command_url: &str) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("{command_url}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let total = text
+        .lines()
+        .filter(|l| l.starts_with("command_conflicts_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a counter: a whole number, at least 0"
+    )]
+    Ok(total as u64)
+}
+
 /// The note of one side of the alternating latency run.
 fn latency_note(outcome: &load::Outcome, rounds: u64, other: &str) -> String {
     format!(
@@ -340,6 +502,8 @@ struct Totals {
     slice_rates: Vec<f64>,
     errors: Vec<String>,
     cost: PhaseCost,
+    /// Every counted operation's latency, over all slices.
+    latencies: Vec<std::time::Duration>,
 }
 
 impl Totals {
@@ -351,6 +515,7 @@ impl Totals {
             slice_rates: Vec::new(),
             errors: Vec::new(),
             cost: PhaseCost::named(name),
+            latencies: Vec::new(),
         }
     }
 
@@ -360,6 +525,7 @@ impl Totals {
         self.slice_rates.push(outcome.rate());
         self.errors.extend(outcome.error_note());
         self.cost.absorb(&cost);
+        self.latencies.extend(outcome.latencies);
     }
 
     fn rate(&self) -> f64 {

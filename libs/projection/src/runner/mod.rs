@@ -142,7 +142,7 @@ struct Batch {
 /// bytes: the event counts (batches of 2000, 32 queued per runner, ranges
 /// of 25k read ahead) bound nothing when events are 100 KB each, and a
 /// catch-up of such events took several GB.
-const FEED_BYTES_MAX: usize = 32 * 1024 * 1024;
+const FEED_BYTES_MAX: usize = 24 * 1024 * 1024;
 /// The same for each range reader (each its own, so that the reader of the
 /// range being handed over never waits on one reading ahead).
 const RANGE_READER_BYTES_MAX: usize = 16 * 1024 * 1024;
