@@ -73,6 +73,10 @@ struct Args {
     /// Where to write the JSON report (default: <target>/bench/report.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A peerbench results.json (PostgreSQL with cqrs-es on the same
+    /// workload): its figures go beside ours in the table and the report.
+    #[arg(long, value_name = "FILE")]
+    peer: Option<PathBuf>,
     /// Run only the write side (`write`), only the read side (`read`), or
     /// only the read side up to the end of catch-up (`catchup`), for
     /// iterating on one path; the report then lacks the other metrics.
@@ -391,6 +395,15 @@ fn main() -> anyhow::Result<()> {
         "machine load average (1, 5, 15 min): {loadavg_at_start}; pressure (some, avg60 %): {pressure_at_start}"
     );
     let mut report = Report::default();
+    if let Some(path) = &args.peer {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the peer's results {}", path.display()))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parse the peer's results {}", path.display()))?;
+        report
+            .set_peer(&doc)
+            .with_context(|| format!("the peer's results {}", path.display()))?;
+    }
     let only = args.only.as_deref();
     if only.is_none() || only == Some("write") {
         write::run(&rt, &mut report, &sizes, &pool, true)?;

@@ -48,9 +48,35 @@ impl Metric {
     }
 }
 
+/// Our figures beside the peer's (`../peerbench`: PostgreSQL with cqrs-es
+/// on the same workload), by name: ours, then the peer's in its
+/// results.json.
+const PEER_FIGURES: [(&str, &str); 6] = [
+    ("command_create_throughput", "pg_create_throughput"),
+    (
+        "command_create_latency_at64_p50",
+        "pg_create_latency_at64_p50_ms",
+    ),
+    (
+        "command_create_latency_at64_p99",
+        "pg_create_latency_at64_p99_ms",
+    ),
+    (
+        "command_update_hot_throughput",
+        "pg_update_throughput_same_aggregate",
+    ),
+    (
+        "command_update_hot_conflicts_per_success",
+        "pg_update_conflicts_per_success",
+    ),
+    ("replay_post_view", "pg_replay_rate"),
+];
+
 #[derive(Default)]
 pub struct Report {
     pub metrics: Vec<Metric>,
+    /// The peer's figures by their names, from `--peer FILE`.
+    peer: BTreeMap<String, f64>,
     pub phases: Vec<PhaseCost>,
     /// What the in-process load generator cost, one line per run, for the "load" field.
     pub load_costs: Vec<String>,
@@ -91,6 +117,28 @@ impl Report {
         self.metrics.push(metric);
     }
 
+    /// Takes the figures of a peerbench `results.json` (`{"metrics": [{"name",
+    /// "value", ...}]}`) to show beside ours.
+    ///
+    /// # Errors
+    /// When `doc` has no metrics list.
+    pub fn set_peer(&mut self, doc: &Value) -> anyhow::Result<()> {
+        let metrics = doc["metrics"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("a peerbench results.json has a \"metrics\" list"))?;
+        self.peer = metrics
+            .iter()
+            .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["value"].as_f64()?)))
+            .collect();
+        Ok(())
+    }
+
+    /// The peer's figure for our metric `name`, and its name.
+    fn peer_of(&self, name: &str) -> Option<(&'static str, f64)> {
+        let theirs = PEER_FIGURES.iter().find(|(ours, _)| *ours == name)?.1;
+        Some((theirs, *self.peer.get(theirs)?))
+    }
+
     pub fn phase(&mut self, cost: PhaseCost) {
         println!("  cost of {}: {}", cost.phase, cost.line());
         self.phases.push(cost);
@@ -99,12 +147,13 @@ impl Report {
     #[must_use]
     pub fn table(&self) -> String {
         let header = [
-            "metric", "value", "unit", "baseline", "ratio", "target", "result",
+            "metric", "value", "unit", "baseline", "ratio", "target", "result", "peer", "/peer",
         ];
-        let rows: Vec<[String; 7]> = self
+        let rows: Vec<[String; 9]> = self
             .metrics
             .iter()
             .map(|m| {
+                let peer = self.peer_of(&m.name);
                 [
                     m.name.clone(),
                     m.value.map_or_else(|| "null".to_string(), fmt_value),
@@ -117,6 +166,11 @@ impl Report {
                         Some(false) => "MISS".into(),
                         None if m.target.is_some() => "n/a".into(),
                         None => "-".into(),
+                    },
+                    peer.map_or_else(|| "-".into(), |(_, v)| fmt_value(v)),
+                    match (m.value, peer) {
+                        (Some(v), Some((_, p))) if p > 0.0 => format!("{:.2}", v / p),
+                        _ => "-".into(),
                     },
                 ]
             })
@@ -132,7 +186,7 @@ impl Report {
             let mut s = String::new();
             for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
                 // Numbers right-aligned, words left-aligned.
-                if i == 1 || i == 4 {
+                if matches!(i, 1 | 4 | 7 | 8) {
                     let _ = write!(s, "{cell:>w$}  ");
                 } else {
                     let _ = write!(s, "{cell:<w$}  ");
@@ -174,6 +228,11 @@ impl Report {
                 .metrics
                 .iter()
                 .map(|m| MetricJson {
+                    peer: self.peer_of(&m.name).map(|(name, value)| PeerJson {
+                        name,
+                        value,
+                        ratio: m.value.filter(|_| value > 0.0).map(|v| v / value),
+                    }),
                     name: &m.name,
                     value: m.value,
                     unit: m.unit,
@@ -236,6 +295,17 @@ struct MetricJson<'a> {
     target: Option<String>,
     pass: Option<bool>,
     note: Option<&'a str>,
+    /// The peer's figure for the same workload, with `--peer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<PeerJson>,
+}
+
+#[derive(Serialize)]
+struct PeerJson {
+    name: &'static str,
+    value: f64,
+    /// Ours over the peer's.
+    ratio: Option<f64>,
 }
 
 /// CPU seconds per process during one phase, next to its wall time.
@@ -276,4 +346,53 @@ fn one_line(m: &Metric) -> String {
         let _ = write!(s, " [{n}]");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peers_figures_stand_beside_ours_by_workload() {
+        let mut r = Report::default();
+        r.add(
+            "command_create_throughput",
+            Some(3847.0),
+            "events/s",
+            None,
+            None,
+            None,
+        );
+        r.add("search_latency_p99", Some(5.0), "ms", None, None, None);
+        r.set_peer(&serde_json::json!({"metrics": [
+            {"name": "pg_create_throughput", "value": 4505.0, "unit": "cmd/s", "note": ""},
+            {"name": "pg_replay_rate", "value": 99200.0, "unit": "ev/s", "note": ""},
+        ]}))
+        .unwrap();
+        let table = r.table();
+        let row = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let create = row("command_create_throughput");
+        assert!(
+            create.contains("4505") && create.trim_end().ends_with("0.85"),
+            "{create}"
+        );
+        let last: Vec<String> = row("search_latency_p99")
+            .split_whitespace()
+            .rev()
+            .take(2)
+            .map(str::to_string)
+            .collect();
+        assert_eq!(last, ["-", "-"], "no peer figure for it: {table}");
+        assert_eq!(
+            r.peer_of("replay_post_view"),
+            Some(("pg_replay_rate", 99200.0))
+        );
+        assert!(r.set_peer(&serde_json::json!({"rows": []})).is_err());
+    }
 }
