@@ -43,8 +43,9 @@ pub fn run(rt: &Runtime, report: &mut Report, events: u64) -> anyhow::Result<()>
     for round in 0..ROUNDS {
         let (command, url) = spawn_command(&nats.url())?;
         let client = http1::Client::new(&url, COMMAND_TIMEOUT)?;
-        for times in [&mut cold, &mut warm] {
-            let body = serde_json::json!({"content": format!("long {round}")}).to_string();
+        for (times, which) in [(&mut cold, "cold"), (&mut warm, "warm")] {
+            // Each PATCH changes the content: a no-op would measure no append.
+            let body = serde_json::json!({"content": format!("long {round} {which}")}).to_string();
             let request =
                 client.json_request("PATCH", &format!("/posts/{id}"), body.as_bytes(), "");
             let started = Instant::now();

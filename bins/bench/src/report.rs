@@ -200,6 +200,12 @@ impl Report {
         for row in &rows {
             line(row);
         }
+        if !self.peer.is_empty() {
+            out.push_str(
+                "peer: PostgreSQL + cqrs-es on the same workload (--peer); /peer is ours over \
+                 theirs: above 1 is better for rates, worse for latencies\n",
+            );
+        }
         let notes: Vec<String> = self
             .metrics
             .iter()

@@ -552,6 +552,7 @@ async fn swap_to_completion(
                 .map_err(internal)?
             {
                 Ok(()) => {
+                    new_reader.moved_to(&rebuild::live_path(&data_dir, &name));
                     drop(live);
                     Ok((new_p, new_reader))
                 }

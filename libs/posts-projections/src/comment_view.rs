@@ -310,6 +310,10 @@ pub struct CommentReader {
 }
 
 impl CommentReader {
+    /// The file was renamed to `path` while open (an installed rebuild).
+    pub fn moved_to(&self, path: &Path) {
+        self.file.moved_to(path);
+    }
     fn meta(&self, key: &str) -> Result<u64, CommentViewError> {
         let db = self.file.db().map_err(store_err)?;
         let txn = db.begin_read().map_err(store_err)?;

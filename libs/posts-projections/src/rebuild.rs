@@ -33,6 +33,18 @@ pub enum Reader {
 }
 
 impl Reader {
+    /// The store was renamed to `path` while open (see [`install`]): a redb
+    /// store reopened after a storage fault opens it there.
+    pub fn moved_to(&self, path: &Path) {
+        match self {
+            Reader::View(r) => r.moved_to(path),
+            Reader::Comments(r) => r.moved_to(path),
+            // tantivy opens files by the directory it was given, and the
+            // exchange puts the new index at the live path.
+            Reader::Search(_) => {}
+        }
+    }
+
     /// Content digest of the store (see each reader's `digest`).
     ///
     /// # Errors

@@ -39,7 +39,9 @@ pub enum RedbFileError {
 
 /// The file, and the `Database` on it while open.
 pub struct RedbFile {
-    path: PathBuf,
+    /// Where the file is now: a rebuild's shadow is renamed over the live
+    /// file while open, and a later reopen must find it there.
+    path: std::sync::Mutex<PathBuf>,
     cache_bytes: usize,
     fault: Option<Fault>,
     open: RwLock<Option<Arc<Database>>>,
@@ -49,7 +51,7 @@ pub struct RedbFile {
 impl std::fmt::Debug for RedbFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbFile")
-            .field("path", &self.path)
+            .field("path", &self.path())
             .field("reopens", &self.reopens())
             .finish_non_exhaustive()
     }
@@ -91,7 +93,7 @@ impl RedbFile {
     #[must_use]
     pub fn new(path: &Path, cache_bytes: usize, fault: Option<Fault>, db: Database) -> Arc<Self> {
         Arc::new(Self {
-            path: path.to_path_buf(),
+            path: std::sync::Mutex::new(path.to_path_buf()),
             cache_bytes,
             fault,
             open: RwLock::new(Some(Arc::new(db))),
@@ -100,8 +102,20 @@ impl RedbFile {
     }
 
     #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        self.path
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Says that the open file was renamed to `path` (an installed
+    /// rebuild): a reopen opens it there.
+    pub fn moved_to(&self, path: &Path) {
+        *self
+            .path
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = path.to_path_buf();
     }
 
     /// The open database, for one read or one write: hold it no longer, so
@@ -136,7 +150,7 @@ impl RedbFile {
                 // Dropped at once: an aborted transaction writes nothing.
                 Ok(_probe) => true,
                 Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e,
+                    tracing::warn!(path = %self.path().display(), error = %e,
                         "the store refuses writes; opening it again");
                     false
                 }
@@ -185,13 +199,13 @@ impl RedbFile {
                 }
             }
         }
-        let db = Self::create_database(&self.path, self.cache_bytes, self.fault.as_ref())?;
+        let db = Self::create_database(&self.path(), self.cache_bytes, self.fault.as_ref())?;
         *self
             .open
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
         self.reopens.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(path = %self.path.display(), "store opened again");
+        tracing::info!(path = %self.path().display(), "store opened again");
         Ok(())
     }
 }
@@ -311,7 +325,8 @@ mod tests {
         let e = put(&file, 3).unwrap_err();
         assert!(e.to_lowercase().contains("previous i/o error"), "{e}");
 
-        // A read in flight holds the old database; the reopen waits for it.
+        // A read in flight may hold the old database meanwhile (the reopen
+        // waits for it to let go; the other test shows it giving up).
         let held = file.db().unwrap();
         let releaser = std::thread::spawn(move || drop(held));
         assert!(
@@ -337,5 +352,14 @@ mod tests {
         assert_eq!(count(&file), 1, "still open as it was");
         file.reopen().unwrap();
         assert_eq!(count(&file), 1);
+
+        // Renamed while open (a rebuild installed over the live file): the
+        // next reopen opens it where it is now, not an empty file at the old path.
+        let moved = dir.path().join("live.redb");
+        std::fs::rename(&path, &moved).unwrap();
+        file.moved_to(&moved);
+        file.reopen().unwrap();
+        assert_eq!(count(&file), 1);
+        assert!(!path.exists(), "nothing was created at the old path");
     }
 }

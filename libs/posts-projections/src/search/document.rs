@@ -85,3 +85,66 @@ impl Document for PostDoc {
         v.into_iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::{WRITER_HEAP_LIVE_BYTES, open};
+
+    fn doc(deleted: bool) -> Doc {
+        Doc {
+            post_id: "p-1".into(),
+            title: "Title".into(),
+            content: "Body text".into(),
+            author_name: "ann".into(),
+            created_at_us: 10,
+            updated_at_us: 20,
+            version: 3,
+            deleted,
+        }
+    }
+
+    /// The layout the index was written with before PostDoc (a
+    /// `TantivyDocument` built field by field): the same fields, values and
+    /// order, so existing indexes read and merge as before.
+    #[test]
+    fn a_post_doc_has_the_fields_and_values_of_the_owned_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_p, reader) = open(dir.path(), WRITER_HEAP_LIVE_BYTES).unwrap();
+        let f = reader.fields;
+        let s = |v: &str| format!("Str({v:?})");
+        let live: Vec<(Field, String)> = PostDoc::new(Arc::new(doc(false)), f)
+            .iter_fields_and_values()
+            .map(|(field, v)| (field, format!("{v:?}")))
+            .collect();
+        let mut want = vec![
+            (f.post_id, s("p-1")),
+            (f.title, s("Title")),
+            (f.content, s("Body text")),
+        ];
+        want.extend((0..TITLE_REPEAT).map(|_| (f.text, s("Title"))));
+        want.extend([
+            (f.text, s("Body text")),
+            (f.author_name, s("ann")),
+            (f.created_at, "I64(10)".into()),
+            (f.updated_at, "I64(20)".into()),
+            (f.version, "U64(3)".into()),
+            (f.deleted, "U64(0)".into()),
+        ]);
+        assert_eq!(live, want);
+        let deleted: Vec<(Field, String)> = PostDoc::new(Arc::new(doc(true)), f)
+            .iter_fields_and_values()
+            .map(|(field, v)| (field, format!("{v:?}")))
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                (f.post_id, s("p-1")),
+                (f.created_at, "I64(10)".into()),
+                (f.updated_at, "I64(20)".into()),
+                (f.version, "U64(3)".into()),
+                (f.deleted, "U64(1)".into()),
+            ]
+        );
+    }
+}

@@ -667,6 +667,10 @@ fn decode_cursor(cursor: &str) -> Result<(i64, String), ViewError> {
 }
 
 impl ViewReader {
+    /// The file was renamed to `path` while open (an installed rebuild).
+    pub fn moved_to(&self, path: &Path) {
+        self.file.moved_to(path);
+    }
     /// Last applied stream sequence.
     ///
     /// # Errors
