@@ -715,6 +715,9 @@ impl EventStore {
                 .await
                 .map_err(|e| unavailable(&e))?;
             let mut got = 0;
+            // Messages on the subject after the last one received, as the
+            // replica said with it; unknown until one arrives.
+            let mut pending_after: Option<u64> = None;
             loop {
                 let msg = match tokio::time::timeout(JETSTREAM_TIMEOUT, replies.next()).await {
                     Ok(Some(msg)) => msg,
@@ -747,6 +750,7 @@ impl EventStore {
                     .ok_or_else(|| unavailable(&"a batched message without Nats-Sequence"))?;
                 let stored_subject = header("Nats-Subject")
                     .ok_or_else(|| unavailable(&"a batched message without Nats-Subject"))?;
+                pending_after = header("Nats-Num-Pending").and_then(|v| v.parse().ok());
                 // Reads must move forward, as in `read_filter`.
                 if seq < next {
                     return Err(LoadError::Unavailable(format!(
@@ -771,7 +775,9 @@ impl EventStore {
                     return Ok(());
                 }
             }
-            if got < LOAD_BATCH {
+            // The server may end a batch early (a byte limit, say): ask again
+            // unless the replica said nothing follows, or had nothing.
+            if got == 0 || pending_after == Some(0) {
                 break;
             }
         }
