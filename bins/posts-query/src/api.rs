@@ -776,6 +776,9 @@ pub(crate) async fn refresh_metrics(state: &AppState) {
             snap.parked,
             code(shown),
         );
+        if let Some(at) = s.last_error_at() {
+            telemetry::metrics().set_projection_last_error(&snap.name, at);
+        }
     }
     let dlq = tokio::time::timeout(STREAM_INFO_TIMEOUT, async {
         let mut stream = state
@@ -812,6 +815,9 @@ pub(crate) async fn refresh_metrics(state: &AppState) {
         snap.parked,
         code(snap.state),
     );
+    if let Some(at) = side.status.last_error_at() {
+        telemetry::metrics().set_projection_last_error(&snap.name, at);
+    }
 }
 
 /// The `/projections` entry of comment-view, which follows `COMMENTS`.

@@ -261,8 +261,10 @@ async fn list(
 /// author-stats in `/metrics`: lag and figures summed over both streams.
 pub(crate) async fn refresh_metrics(state: &AppState) {
     let (mut lag, mut applied, mut parked, mut halted) = (0u64, 0u64, 0u64, false);
+    let mut failed_at = None;
     for source in &state.inner.sources {
         let snap = source.status.snapshot();
+        failed_at = failed_at.max(source.status.last_error_at());
         let last = tokio::time::timeout(STREAM_INFO_TIMEOUT, source.store.last_seq())
             .await
             .ok()
@@ -279,6 +281,9 @@ pub(crate) async fn refresh_metrics(state: &AppState) {
         parked,
         if halted { 2 } else { 0 },
     );
+    if let Some(at) = failed_at {
+        telemetry::metrics().set_projection_last_error(AUTHOR_STATS, at);
+    }
 }
 
 async fn projections(State(state): State<AppState>) -> Response {

@@ -24,6 +24,8 @@ pub struct Status {
     parked_total: AtomicU64,
     caught_up_once: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// When the last error was set, in Unix seconds; 0 before any.
+    last_error_at: AtomicU64,
 }
 
 /// Progress of a rebuild in another process, reported to the service.
@@ -60,6 +62,7 @@ impl Status {
             parked_total: AtomicU64::new(parked_total),
             caught_up_once: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
+            last_error_at: AtomicU64::new(0),
         })
     }
 
@@ -147,9 +150,22 @@ impl Status {
     }
 
     pub fn set_error(&self, e: Option<String>) {
+        if e.is_some() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_error_at.store(now.max(1), Ordering::Relaxed);
+        }
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;
         }
+    }
+
+    /// When the last error was set (it may have cleared since), in Unix
+    /// seconds; `None` before any.
+    #[must_use]
+    pub fn last_error_at(&self) -> Option<u64> {
+        Some(self.last_error_at.load(Ordering::Relaxed)).filter(|t| *t > 0)
     }
 
     #[must_use]

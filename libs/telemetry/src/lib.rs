@@ -23,7 +23,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Every family: name, type, help. A family with no series yet is still
 /// written out (its HELP and TYPE lines), so it is there from start-up.
-const FAMILIES: [(&str, &str, &str); 11] = [
+const FAMILIES: [(&str, &str, &str); 12] = [
     (
         "http_requests",
         "counter",
@@ -68,6 +68,11 @@ const FAMILIES: [(&str, &str, &str); 11] = [
         "projection_state",
         "gauge",
         "0 running, 1 rebuilding, 2 halted",
+    ),
+    (
+        "projection_last_error_timestamp_seconds",
+        "gauge",
+        "When the projection last failed (it retries from its checkpoint), Unix seconds; 0 never",
     ),
     (
         "search_duration_seconds",
@@ -137,6 +142,7 @@ pub struct Metrics {
     pub projection_parked: Family<ProjectionLabels, Counter>,
     /// 0 running, 1 rebuilding, 2 halted.
     pub projection_state: Family<ProjectionLabels, Gauge>,
+    pub projection_last_error: Family<ProjectionLabels, Gauge>,
     pub search_duration: Histogram,
     pub dlq_messages: Gauge,
     refreshers: Mutex<Vec<Refresher>>,
@@ -156,6 +162,7 @@ impl Metrics {
         let projection_applied = Family::<ProjectionLabels, Counter>::default();
         let projection_parked = Family::<ProjectionLabels, Counter>::default();
         let projection_state = Family::<ProjectionLabels, Gauge>::default();
+        let projection_last_error = Family::<ProjectionLabels, Gauge>::default();
         let search_duration = seconds_histogram();
         let dlq_messages = Gauge::default();
         registry.register(
@@ -204,6 +211,11 @@ impl Metrics {
             projection_state.clone(),
         );
         registry.register(
+            "projection_last_error_timestamp_seconds",
+            help("projection_last_error_timestamp_seconds"),
+            projection_last_error.clone(),
+        );
+        registry.register(
             "search_duration_seconds",
             help("search_duration_seconds"),
             search_duration.clone(),
@@ -220,6 +232,7 @@ impl Metrics {
             projection_applied,
             projection_parked,
             projection_state,
+            projection_last_error,
             search_duration,
             dlq_messages,
             refreshers: Mutex::new(Vec::new()),
@@ -248,6 +261,17 @@ impl Metrics {
         raise(&self.projection_applied.get_or_create(&l), applied);
         raise(&self.projection_parked.get_or_create(&l), parked);
         self.projection_state.get_or_create(&l).set(state);
+        let _ = self.projection_last_error.get_or_create(&l);
+    }
+
+    /// Sets when projection `name` last failed, in Unix seconds.
+    pub fn set_projection_last_error(&self, name: &str, at_unix_s: u64) {
+        let l = ProjectionLabels {
+            projection: name.to_string(),
+        };
+        self.projection_last_error
+            .get_or_create(&l)
+            .set(i64::try_from(at_unix_s).unwrap_or(i64::MAX));
     }
 }
 
@@ -345,6 +369,7 @@ mod tests {
             "projection_applied_events",
             "projection_parked_events",
             "projection_state",
+            "projection_last_error_timestamp_seconds",
             "search_duration_seconds",
             "dlq_messages",
         ] {
@@ -362,6 +387,16 @@ mod tests {
         );
         assert!(
             text.contains("projection_lag_events{projection=\"p\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("projection_last_error_timestamp_seconds{projection=\"p\"} 0"),
+            "{text}"
+        );
+        metrics().set_projection_last_error("p", 1_765_000_000);
+        let text = futures_lite_block_on(render());
+        assert!(
+            text.contains("projection_last_error_timestamp_seconds{projection=\"p\"} 1765000000"),
             "{text}"
         );
     }

@@ -92,6 +92,17 @@ async fn halts_then_resumes(point: &str, says: &str, reopens: bool) -> TestResul
     }
     assert_eq!(view["caught_up_once"], false, "{view}");
     assert_eq!(search["state"], "running", "{search}");
+    // When it failed is in /metrics, for an alert on a halted projection.
+    let failed_at = |text: &str, p: &str| {
+        let prefix = format!("projection_last_error_timestamp_seconds{{projection=\"{p}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+    };
+    let text = Reply::of(http.get(format!("{base}/metrics"))).await?.body;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    let at = failed_at(&text, "post-view").expect("post-view's last-error time");
+    assert!(at > now - 600.0 && at <= now + 1.0, "{at} vs {now}");
+    assert_eq!(failed_at(&text, "post-search"), Some(0.0), "{text}");
     let ready = Reply::of(http.get(format!("{base}/readyz"))).await?;
     ready.assert_problem(503, "post-view");
     // The other projection serves its reads meanwhile.

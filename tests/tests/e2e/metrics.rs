@@ -11,7 +11,7 @@ use e2e_tests::{
 };
 use serde_json::json;
 
-const FAMILIES: [&str; 11] = [
+const FAMILIES: [&str; 12] = [
     "http_requests",
     "http_request_duration_seconds",
     "eventstore_append_duration_seconds",
@@ -21,6 +21,7 @@ const FAMILIES: [&str; 11] = [
     "projection_applied_events",
     "projection_parked_events",
     "projection_state",
+    "projection_last_error_timestamp_seconds",
     "search_duration_seconds",
     "dlq_messages",
 ];
