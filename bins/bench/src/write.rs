@@ -291,8 +291,8 @@ pub fn run(
         let note = format!(
             "{}; raw JetStream publishes in the same run at the same depth: p50 {} / p99 {} ms",
             latency_note(&http_latency, rounds, "raw"),
-            raw_p50.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
-            raw_p99.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+            fmt_ms(raw_p50),
+            fmt_ms(raw_p99),
         );
         report.add(
             "raw_publish_latency_p50",

@@ -587,7 +587,11 @@ impl EventStore {
 
     /// Every message on `subject` (a filter, wildcards allowed) after
     /// `after_seq`, in order, through `each` until it breaks. `what` names
-    /// the aggregate(s) in errors.
+    /// the aggregate(s) in errors. The first [`DIRECT_GETS_MAX`] messages
+    /// come one get at a time from `from`; the rest of a long history in
+    /// batched direct gets (see [`EventStore::read_batches`]), and then,
+    /// for [`Replica::Leader`], from the leader what a lagging replica
+    /// missed (usually one round trip, which finds nothing).
     async fn read_filter(
         &self,
         subject: &str,
@@ -602,102 +606,100 @@ impl EventStore {
         if matches!(from, Replica::Any) && stale_replica() {
             return Ok(());
         }
-        let subject = subject.to_string();
-        let mut next = after_seq + 1;
-        let mut count = 0usize;
-        loop {
+        let mut at = Cursor {
+            subject,
+            what,
+            next: after_seq + 1,
+            count: 0,
+        };
+        if self
+            .read_singly(&mut at, from, DIRECT_GETS_MAX, &mut each)
+            .await?
+            .is_break()
+        {
+            return Ok(());
+        }
+        if self.read_batches(&mut at, &mut each).await?.is_break() || matches!(from, Replica::Any) {
+            return Ok(());
+        }
+        self.read_singly(&mut at, Replica::Leader, usize::MAX, &mut each)
+            .await
+            .map(|_| ())
+    }
+
+    /// Up to `max` messages from `at`, a get each. `Break` when the subject
+    /// has no more or `each` broke; `Continue` when `max` were read.
+    async fn read_singly<F>(
+        &self,
+        at: &mut Cursor<'_>,
+        from: Replica,
+        max: usize,
+        each: &mut F,
+    ) -> Result<ControlFlow<()>, LoadError>
+    where
+        F: FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
+    {
+        for _ in 0..max {
             let msg = match from {
                 Replica::Any => match self
                     .stream
-                    .direct_get_next_for_subject(subject.clone(), Some(next))
+                    .direct_get_next_for_subject(at.subject, Some(at.next))
                     .await
                 {
                     Ok(msg) => msg,
-                    Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
+                    Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                        return Ok(ControlFlow::Break(()));
+                    }
                     Err(e) => return Err(LoadError::Unavailable(e.to_string())),
                 },
                 Replica::Leader => match self
                     .stream
-                    .get_first_raw_message_by_subject(&subject, next)
+                    .get_first_raw_message_by_subject(at.subject, at.next)
                     .await
                 {
                     Ok(msg) => msg,
                     Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
-                        return Ok(());
+                        return Ok(ControlFlow::Break(()));
                     }
                     Err(e) => return Err(LoadError::Unavailable(e.to_string())),
                 },
             };
-            // Reads must move forward; anything else is a server bug: an
-            // error, not a loop.
-            if msg.sequence < next {
-                return Err(LoadError::Unavailable(format!(
-                    "a read of {subject} after sequence {} answered sequence {}",
-                    next - 1,
-                    msg.sequence
-                )));
-            }
-            next = msg.sequence + 1;
-            count += 1;
-            if count > AGGREGATE_EVENTS_MAX {
-                return Err(LoadError::TooLong(what.to_string()));
-            }
-            if count == DIRECT_GETS_MAX {
-                // A long history: the rest through a consumer, in batches.
-                let seq = msg.sequence;
-                let first = RecordedEvent::from_parts(
-                    msg.subject.as_str(),
-                    &self.subjects,
-                    seq,
-                    Some(&msg.headers),
-                    msg.payload,
-                )
-                .map_err(|e| (seq, e.to_string()));
-                if each(first)?.is_break() {
-                    return Ok(());
-                }
-                return self
-                    .read_filter_batched(&subject, what, next, count, from, each)
-                    .await;
-            }
             let seq = msg.sequence;
-            let flow = each(
-                RecordedEvent::from_parts(
-                    msg.subject.as_str(),
-                    &self.subjects,
-                    seq,
-                    Some(&msg.headers),
-                    msg.payload,
-                )
-                .map_err(|e| (seq, e.to_string())),
-            )?;
-            if flow.is_break() {
-                return Ok(());
+            at.advance(seq)?;
+            let entry = RecordedEvent::from_parts(
+                msg.subject.as_str(),
+                &self.subjects,
+                seq,
+                Some(&msg.headers),
+                msg.payload,
+            )
+            .map_err(|e| (seq, e.to_string()));
+            if each(entry)?.is_break() {
+                return Ok(ControlFlow::Break(()));
             }
         }
+        Ok(ControlFlow::Continue(()))
     }
 
-    /// The rest of [`EventStore::read_filter`] from `next` on, after
-    /// `count` messages: batched direct gets (nats-server 2.11+, ADR-31),
-    /// each request answered by up to [`LOAD_BATCH`] messages of `subject`
-    /// and an end-of-batch status, where a direct get per message cost a
-    /// round trip each (a cold command on a post of 100k events: 11 s in
-    /// `aggregate_load_long_stream_ms`). The same requests and replies as
-    /// single direct gets, so no consumer and no other permission. Any
-    /// replica answers them; for [`Replica::Leader`] the leader then gives
-    /// what a lagging replica may have missed, one message at a time.
-    async fn read_filter_batched(
+    /// The rest of a long read from `at`, in batched direct gets
+    /// (nats-server 2.11+, ADR-31): each request is answered by up to
+    /// [`LOAD_BATCH`] messages and an end-of-batch status, where a get per
+    /// message cost a round trip each (a cold command on a post of 100k
+    /// events: 11 s in `aggregate_load_long_stream_ms`). The same requests
+    /// as single direct gets, so no consumer and no other permission; any
+    /// replica answers them. `Break` when `each` broke.
+    async fn read_batches<F>(
         &self,
-        subject: &str,
-        what: &str,
-        mut next: u64,
-        mut count: usize,
-        from: Replica,
-        mut each: impl FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
-    ) -> Result<(), LoadError> {
+        at: &mut Cursor<'_>,
+        each: &mut F,
+    ) -> Result<ControlFlow<()>, LoadError>
+    where
+        F: FnMut(Result<RecordedEvent, (u64, String)>) -> Result<ControlFlow<()>, LoadError>,
+    {
         use futures::StreamExt;
         let unavailable = |e: &dyn std::fmt::Display| LoadError::Unavailable(e.to_string());
         let api = format!("$JS.API.DIRECT.GET.{}", self.stream_name());
+        let subject = at.subject;
         loop {
             let inbox = self.client.new_inbox();
             let mut replies = self
@@ -706,7 +708,7 @@ impl EventStore {
                 .await
                 .map_err(|e| unavailable(&e))?;
             let request = serde_json::json!({
-                "seq": next,
+                "seq": at.next,
                 "next_by_subj": subject,
                 "batch": LOAD_BATCH,
             });
@@ -751,18 +753,8 @@ impl EventStore {
                 let stored_subject = header("Nats-Subject")
                     .ok_or_else(|| unavailable(&"a batched message without Nats-Subject"))?;
                 pending_after = header("Nats-Num-Pending").and_then(|v| v.parse().ok());
-                // Reads must move forward, as in `read_filter`.
-                if seq < next {
-                    return Err(LoadError::Unavailable(format!(
-                        "a batch of {subject} from sequence {next} answered sequence {seq}"
-                    )));
-                }
-                next = seq + 1;
-                count += 1;
+                at.advance(seq)?;
                 got += 1;
-                if count > AGGREGATE_EVENTS_MAX {
-                    return Err(LoadError::TooLong(what.to_string()));
-                }
                 let entry = RecordedEvent::from_parts(
                     &stored_subject,
                     &self.subjects,
@@ -772,55 +764,13 @@ impl EventStore {
                 )
                 .map_err(|e| (seq, e.to_string()));
                 if each(entry)?.is_break() {
-                    return Ok(());
+                    return Ok(ControlFlow::Break(()));
                 }
             }
             // The server may end a batch early (a byte limit, say): ask again
             // unless the replica said nothing follows, or had nothing.
             if got == 0 || pending_after == Some(0) {
-                break;
-            }
-        }
-        if matches!(from, Replica::Any) {
-            return Ok(());
-        }
-        // What a lagging replica missed, from the leader: usually one round
-        // trip, which finds nothing after `next`.
-        loop {
-            let msg = match self
-                .stream
-                .get_first_raw_message_by_subject(subject, next)
-                .await
-            {
-                Ok(msg) => msg,
-                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
-                    return Ok(());
-                }
-                Err(e) => return Err(LoadError::Unavailable(e.to_string())),
-            };
-            if msg.sequence < next {
-                return Err(LoadError::Unavailable(format!(
-                    "a read of {subject} after sequence {} answered sequence {}",
-                    next - 1,
-                    msg.sequence
-                )));
-            }
-            next = msg.sequence + 1;
-            count += 1;
-            if count > AGGREGATE_EVENTS_MAX {
-                return Err(LoadError::TooLong(what.to_string()));
-            }
-            let seq = msg.sequence;
-            let entry = RecordedEvent::from_parts(
-                msg.subject.as_str(),
-                &self.subjects,
-                seq,
-                Some(&msg.headers),
-                msg.payload,
-            )
-            .map_err(|e| (seq, e.to_string()));
-            if each(entry)?.is_break() {
-                return Ok(());
+                return Ok(ControlFlow::Continue(()));
             }
         }
     }
@@ -921,4 +871,33 @@ fn stale_replica() -> bool {
 #[inline(always)]
 fn stale_replica() -> bool {
     false
+}
+
+/// Where a read of one subject is: the next sequence it expects and how
+/// many messages it has read, for the fold limit.
+struct Cursor<'a> {
+    subject: &'a str,
+    what: &'a str,
+    next: u64,
+    count: usize,
+}
+
+impl Cursor<'_> {
+    /// Takes message `seq`. Reads must move forward; anything else is a
+    /// server bug: an error, not a loop.
+    fn advance(&mut self, seq: u64) -> Result<(), LoadError> {
+        if seq < self.next {
+            return Err(LoadError::Unavailable(format!(
+                "a read of {} after sequence {} answered sequence {seq}",
+                self.subject,
+                self.next - 1
+            )));
+        }
+        self.next = seq + 1;
+        self.count += 1;
+        if self.count > AGGREGATE_EVENTS_MAX {
+            return Err(LoadError::TooLong(self.what.to_string()));
+        }
+        Ok(())
+    }
 }
